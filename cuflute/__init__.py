@@ -1,0 +1,20 @@
+"""cuflute: CUDA kernels for matrix products with lookup-table-quantized weights.
+
+Nothing here touches a GPU at import time: kernels compile on first use.
+"""
+__version__ = "0.1.0"
+
+from .formats import QuantizedWeight, int_table, nf_table, quantize
+from .gemm import gpu_available, qgemm
+from .packing import PackedWeight, pack
+
+__all__ = [
+    "PackedWeight",
+    "QuantizedWeight",
+    "gpu_available",
+    "int_table",
+    "nf_table",
+    "pack",
+    "qgemm",
+    "quantize",
+]

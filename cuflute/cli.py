@@ -1,0 +1,59 @@
+"""``python -m cuflute {bench,compile,compile-check}``."""
+from __future__ import annotations
+
+import argparse
+
+
+def _compile(args: argparse.Namespace) -> int:
+    from .gemm import gpu_available
+    from .kernels import all_specs, precompile
+
+    if not gpu_available():
+        print("no CUDA GPU here: nothing to compile for; `cuflute compile-check` compiles with "
+              "NVRTC for the target architectures without one")
+        return 1
+    count = precompile(args.device, workers=args.workers)
+    print(f"compiled {count} of {len(all_specs())} specializations for cuda:{args.device}")
+    return 0
+
+
+def _compile_check(args: argparse.Namespace) -> int:
+    from .kernels import TARGET_ARCHS, all_specs, nvrtc_compile
+
+    failures = 0
+    for arch in args.arch or TARGET_ARCHS:
+        usages = nvrtc_compile(all_specs(), arch)
+        spilled = [u for u in usages if u.spill_stores or u.spill_loads or u.stack_frame]
+        failures += len(spilled)
+        print(f"sm_{arch}: {len(usages)} specializations, registers "
+              f"{min(u.registers for u in usages)}..{max(u.registers for u in usages)}, "
+              f"{len(spilled)} with local memory")
+        for u in spilled:
+            print(f"  {u.name}: stack {u.stack_frame} B, spill stores {u.spill_stores} B, "
+                  f"spill loads {u.spill_loads} B")
+    return 1 if failures else 0
+
+
+def main(argv=None) -> int:
+    from . import bench
+
+    parser = argparse.ArgumentParser(prog="cuflute", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    bench_parser = commands.add_parser("bench", help="time qgemm against cuBLAS fp16 and the peers")
+    bench.add_arguments(bench_parser)
+    bench_parser.set_defaults(run=bench.run)
+
+    compile_parser = commands.add_parser("compile", help="JIT-compile every kernel for a GPU")
+    compile_parser.add_argument("--device", type=int, default=0)
+    compile_parser.add_argument("--workers", type=int, default=8)
+    compile_parser.set_defaults(run=_compile)
+
+    check_parser = commands.add_parser(
+        "compile-check", help="compile every kernel with NVRTC (no GPU needed), report spills")
+    check_parser.add_argument("--arch", type=int, action="append",
+                              help="e.g. 90; repeatable (default: 80 86 89 90)")
+    check_parser.set_defaults(run=_compile_check)
+
+    args = parser.parse_args(argv)
+    return args.run(args)

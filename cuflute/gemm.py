@@ -1,0 +1,83 @@
+"""``qgemm``: the launch path. No host synchronization, no copies and no allocation through
+CuPy's pool beyond the output (pass ``out=`` to avoid even that), so it can be graph-captured."""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+from . import interop
+from .dispatch import select_config
+from .kernels import KernelSpec, get_kernel
+from .packing import PackedWeight
+
+_MAX_GRID_Y = 65535
+
+
+def gpu_available() -> bool:
+    """True when CuPy imports and sees at least one CUDA device."""
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # no CuPy, no driver, no device: all mean "no GPU here"
+        return False
+
+
+@lru_cache(maxsize=None)
+def device_arch(device: int) -> tuple[int, int]:
+    """(compute capability as 80/86/89/90..., SM count) of a CUDA device."""
+    import cupy
+
+    props = cupy.cuda.runtime.getDeviceProperties(device)
+    return 10 * props["major"] + props["minor"], props["multiProcessorCount"]
+
+
+def _check(mat: interop.DeviceMatrix, packed: PackedWeight) -> None:
+    if packed.device is None:
+        raise ValueError("the packed weight is on the host; call packed.to_device() first")
+    if mat.dtype != packed.dtype:
+        raise TypeError(f"x has dtype {mat.dtype}, the packed weight was packed for {packed.dtype}")
+    if mat.k != packed.k:
+        raise ValueError(f"x has K = {mat.k} (last dim), the packed weight has K = {packed.k}")
+    if mat.device != packed.device:
+        raise ValueError(f"x is on cuda:{mat.device}, the packed weight on cuda:{packed.device}")
+
+
+def qgemm(x, packed: PackedWeight, out=None):
+    """``x [..., K] @ W'^T -> [..., N]`` for a packed weight on x's device.
+
+    x is a CUDA torch tensor (returns a torch tensor) or a CuPy array (returns a CuPy array) of
+    the packed weight's dtype. The kernel runs on the caller's current stream.
+    """
+    mat = interop.as_device_matrix(x)
+    _check(mat, packed)
+    if out is None:
+        out = interop.empty_output(mat, packed.n)
+        out_ptr = out.data_ptr() if mat.kind == "torch" else out.data.ptr
+    else:
+        out_ptr = interop.check_output(out, mat, packed.n)
+    if mat.m == 0 or packed.n == 0:
+        return out
+
+    arch, sm_count = device_arch(mat.device)
+    tile = select_config(mat.m, packed.n, packed.k, packed.bits, packed.kernel_group, arch, sm_count)
+    kernel = get_kernel(KernelSpec(packed.bits, packed.kernel_group, packed.dtype, tile), mat.device)
+    import cupy
+
+    itemsize = 2
+    rows_per_launch = _MAX_GRID_Y * tile.block_m
+    with cupy.cuda.Device(mat.device):
+        stream = interop.launch_stream(mat)
+        for m0 in range(0, mat.m, rows_per_launch):
+            m = min(rows_per_launch, mat.m - m0)
+            grid = (-(-packed.n_tiles // tile.nt), -(-m // tile.block_m), 1)
+            args = (
+                np.uint64(mat.ptr + m0 * mat.row_stride * itemsize), np.int64(mat.row_stride),
+                packed.qweight, packed.scales, packed.pair_lut,
+                np.uint64(out_ptr + m0 * packed.n * itemsize),
+                np.int32(m), np.int32(packed.n), np.int32(packed.k),
+                np.int32(packed.k_chunks), np.int32(packed.n_groups),
+            )
+            kernel(grid, (tile.threads, 1, 1), args, stream=stream)
+    return out

@@ -1,0 +1,200 @@
+"""Kernel specializations and their JIT: CuPy RawModule (NVRTC) over cuda_src/.
+
+One specialization per (bits, group, dtype, tile config), named by a C++ template instantiation
+and compiled through ``name_expressions``, lazily on first use and once per device; CuPy caches
+the binaries on disk. The source string carries a hash of every file in cuda_src/, so an edited
+header never reuses a stale binary.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import re
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from pathlib import Path
+
+from .dtypes import DTYPES
+from .formats import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+
+_PACKAGE = Path(__file__).resolve().parent
+CUDA_SRC = next(p for p in (_PACKAGE / "cuda_src", _PACKAGE.parent / "cuda_src") if p.is_dir())
+KERNEL_GROUPS = SUPPORTED_GROUP_SIZES + (0,)  # 0: one group per row
+TARGET_ARCHS = (80, 86, 89, 90)
+_CXX_TYPE = {"float16": "__half", "bfloat16": "__nv_bfloat16"}
+
+
+@dataclass(frozen=True, order=True)
+class TileConfig:
+    """A CTA shape: NT 16-row n tiles per warp, MT 8-column m tiles, WK warps splitting K."""
+
+    nt: int
+    mt: int
+    wk: int
+
+    @property
+    def block_n(self) -> int:
+        return 16 * self.nt
+
+    @property
+    def block_m(self) -> int:
+        return 8 * self.mt
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.wk
+
+    def __str__(self) -> str:
+        return f"nt{self.nt}_mt{self.mt}_wk{self.wk}"
+
+
+# For compilation time, only the shapes that the dispatcher and the tuner use are instantiated.
+TILE_CONFIGS = (
+    TileConfig(nt=2, mt=1, wk=8),
+    TileConfig(nt=2, mt=2, wk=8),
+    TileConfig(nt=2, mt=4, wk=4),
+    TileConfig(nt=1, mt=1, wk=8),
+)
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    bits: int
+    group: int  # kernel GROUP: group size, or 0 for one group per row
+    dtype: str
+    tile: TileConfig
+
+    def __post_init__(self):
+        for name, value, allowed in (
+            ("bits", self.bits, SUPPORTED_BITS),
+            ("group", self.group, KERNEL_GROUPS),
+            ("dtype", self.dtype, DTYPES),
+            ("tile", self.tile, TILE_CONFIGS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"kernel {name} must be one of {allowed}, got {value!r}")
+
+    @property
+    def name_expression(self) -> str:
+        t = self.tile
+        return (f"cuflute::lut_gemm<{self.bits}, {self.group}, {_CXX_TYPE[self.dtype]}, "
+                f"{t.nt}, {t.mt}, {t.wk}>")
+
+
+def all_specs() -> list[KernelSpec]:
+    return [KernelSpec(b, g, d, t)
+            for b, g, d, t in itertools.product(SUPPORTED_BITS, KERNEL_GROUPS, DTYPES, TILE_CONFIGS)]
+
+
+@lru_cache(maxsize=None)
+def source() -> str:
+    """The translation unit: a hash line of all of cuda_src/ (for caches), then the include."""
+    from . import __version__
+
+    digest = hashlib.sha256()
+    for path in sorted(CUDA_SRC.glob("*.cuh")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return (f"// cuflute {__version__}, cuda_src sha256 {digest.hexdigest()}\n"
+            f'#include "lut_gemm.cuh"\n')
+
+
+def compile_options() -> tuple[str, ...]:
+    return ("-std=c++17", f"-I{CUDA_SRC}")
+
+
+@lru_cache(maxsize=None)
+def _kernel(spec: KernelSpec, device: int):
+    import cupy
+
+    with cupy.cuda.Device(device):
+        module = cupy.RawModule(code=source(), options=compile_options(),
+                                name_expressions=[spec.name_expression])
+        return module.get_function(spec.name_expression).kernel
+
+
+def get_kernel(spec: KernelSpec, device: int):
+    """The compiled kernel of ``spec`` loaded on CUDA device ``device`` (a cupy.cuda.Function,
+    called as ``f(grid, block, args, stream=...)`` with that device current)."""
+    return _kernel(spec, device)
+
+
+def precompile(device: int = 0, specs=None, workers: int = 8) -> int:
+    """Compile (and cache on disk) every specialization for ``device``; returns how many."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    specs = all_specs() if specs is None else list(specs)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(lambda spec: get_kernel(spec, device), specs))
+    return len(specs)
+
+
+# --- Compilation without a GPU: NVRTC directly, for the CPU test tier and `cuflute compile-check`.
+
+@dataclass(frozen=True)
+class ResourceUsage:
+    name: str
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    stack_frame: int
+    shared_bytes: int
+
+
+_ENTRY = re.compile(r"Compiling entry function '(\S+)' for 'sm_(\d+)'")
+_SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_REGS = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
+
+
+def cuda_include_dir() -> Path:
+    """CUDA headers from the nvidia-cuda-runtime wheel (cuda_fp16.h and friends)."""
+    import nvidia
+
+    for root in nvidia.__path__:
+        for sub in ("cu13", "cuda_runtime"):
+            candidate = Path(root) / sub / "include"
+            if (candidate / "cuda_fp16.h").exists():
+                return candidate
+    raise FileNotFoundError("cuda_fp16.h not found: pip install nvidia-cuda-runtime")
+
+
+def parse_ptxas_log(log: str) -> list[ResourceUsage]:
+    """Per-entry resource usage from an ``-Xptxas=-v`` program log."""
+    usages, name, spills = [], None, None
+    for line in log.splitlines():
+        if m := _ENTRY.search(line):
+            name, spills = m.group(1), None
+        elif (m := _SPILLS.search(line)) and name:
+            spills = tuple(int(v) for v in m.groups())
+        elif (m := _REGS.search(line)) and name and spills:
+            usages.append(ResourceUsage(name=name, registers=int(m.group(1)),
+                                        stack_frame=spills[0], spill_stores=spills[1],
+                                        spill_loads=spills[2], shared_bytes=int(m.group(2) or 0)))
+            name = None
+    return usages
+
+
+def nvrtc_compile(specs, arch: int) -> list[ResourceUsage]:
+    """Compile ``specs`` to sm_``arch`` machine code in one NVRTC program; no GPU needed."""
+    from cupy_backends.cuda.libs import nvrtc
+
+    specs = list(specs)
+    program = nvrtc.createProgram(source(), "cuflute.cu", [], [])
+    try:
+        for spec in specs:
+            nvrtc.addNameExpression(program, spec.name_expression)
+        options = [*compile_options(), f"-I{cuda_include_dir()}", f"-arch=sm_{arch}", "-Xptxas=-v"]
+        try:
+            nvrtc.compileProgram(program, options)
+        except nvrtc.NVRTCError as error:
+            raise RuntimeError(f"NVRTC failed for sm_{arch}:\n{nvrtc.getProgramLog(program)}") from error
+        lowered = {nvrtc.getLoweredName(program, s.name_expression): s for s in specs}
+        usages = parse_ptxas_log(nvrtc.getProgramLog(program))
+    finally:
+        nvrtc.destroyProgram(program)
+    by_name = {lowered[u.name].name_expression: replace(u, name=lowered[u.name].name_expression)
+               for u in usages if u.name in lowered}
+    missing = [s.name_expression for s in specs if s.name_expression not in by_name]
+    if missing:
+        raise RuntimeError(f"no ptxas report for {missing[:3]} ... ({len(missing)} in all)")
+    return [by_name[s.name_expression] for s in specs]

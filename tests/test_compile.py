@@ -1,0 +1,31 @@
+"""NVRTC compiles every kernel specialization for each target architecture: no GPU needed."""
+import pytest
+
+from cuflute.kernels import TARGET_ARCHS, all_specs, nvrtc_compile, parse_ptxas_log
+
+pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
+
+
+@pytest.mark.parametrize("arch", TARGET_ARCHS)
+def test_every_specialization_compiles_without_local_memory(arch):
+    specs = all_specs()
+    usages = nvrtc_compile(specs, arch)
+    assert len(usages) == len(specs)
+    for spec, usage in zip(specs, usages):
+        detail = f"sm_{arch} {spec.name_expression}: {usage}"
+        assert usage.spill_stores == 0 and usage.spill_loads == 0, detail
+        assert usage.stack_frame == 0, detail
+        assert usage.registers <= 65536 // spec.tile.threads, detail  # one CTA must fit an SM
+        assert usage.shared_bytes <= 48 * 1024, detail  # static shared memory limit
+
+
+def test_parse_ptxas_log_reads_spills():
+    log = (
+        "ptxas info    : Compiling entry function '_Z1fv' for 'sm_90'\n"
+        "ptxas info    : Function properties for _Z1fv\n"
+        "ptxas         .     16 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads\n"
+        "ptxas info    : Used 255 registers, used 1 barriers, 2048 bytes smem\n"
+    )
+    (usage,) = parse_ptxas_log(log)
+    assert (usage.name, usage.registers, usage.stack_frame, usage.spill_stores,
+            usage.spill_loads, usage.shared_bytes) == ("_Z1fv", 255, 16, 8, 4, 2048)

@@ -1,0 +1,141 @@
+"""GPU tier: the kernel against the NumPy reference. Skipped without a CUDA GPU.
+
+Every case draws fresh random activations (never zeros), poisons the output with NaN before
+the call, and bounds ||y - ref|| / ||ref|| with ref in float64 from the same dequantized weight.
+"""
+import zlib
+from functools import lru_cache
+
+import numpy as np
+import pytest
+
+import cuflute
+from cuflute import dtypes, reference
+
+pytestmark = pytest.mark.gpu
+torch = pytest.importorskip("torch") if cuflute.gpu_available() else None
+
+# The output's own rounding is ~2**-11 (fp16) or ~2**-8 (bf16) relative; the bounds leave room for
+# float32 accumulation order, nothing more.
+REL_ERROR_BOUND = {"float16": 1e-3, "bfloat16": 8e-3}
+SHAPES = [(64, 256), (200, 768), (1000, 1280), (72, 352), (24, 96), (4096, 4096)]
+GROUPS = [32, 64, 128, 256, None]
+MS = [1, 3, 16, 33, 128, 300]
+TORCH_DTYPE = {"float16": "float16", "bfloat16": "bfloat16"}
+
+
+@lru_cache(maxsize=8)
+def _weight(n, k, bits, group_size, dtype):
+    """(packed on the GPU, float64 dequantized reference weight) for a fresh random weight."""
+    rng = np.random.default_rng(zlib.crc32(repr((n, k, bits, group_size, dtype)).encode()))
+    w = rng.standard_normal((n, k)) * rng.uniform(0.5, 2.0, (n, 1))
+    packed = cuflute.pack(cuflute.quantize(w, bits, group_size), dtype)
+    return packed.to_device(0), reference.dequantize(packed)
+
+
+def _random_x(m, k, dtype, seed):
+    x = np.random.default_rng(seed).standard_normal((m, k))
+    return dtypes.round_to(x, dtype)
+
+
+def _to_torch(x64, dtype):
+    return torch.tensor(x64, dtype=getattr(torch, TORCH_DTYPE[dtype]), device="cuda")
+
+
+def _rel_error(y, ref):
+    return np.linalg.norm(y - ref) / np.linalg.norm(ref)
+
+
+CASES = [(bits, g, dtype, n, k) for bits in (2, 3, 4) for g in GROUPS
+         for dtype in ("float16", "bfloat16") for n, k in SHAPES if not (g and k % g)]
+
+
+@pytest.mark.parametrize("bits, group_size, dtype, n, k", CASES)
+def test_kernel_matches_reference(bits, group_size, dtype, n, k):
+    packed, w64 = _weight(n, k, bits, group_size, dtype)
+    for m in MS:
+        x64 = _random_x(m, k, dtype, seed=m * 7919 + n)
+        out = torch.full((m, n), float("nan"), dtype=getattr(torch, dtype), device="cuda")
+        y = cuflute.qgemm(_to_torch(x64, dtype), packed, out=out)
+        assert y is out
+        y64 = y.double().cpu().numpy()
+        where = f"{bits=} group={group_size} {dtype} {m=} {n=} {k=}"
+        assert np.all(np.isfinite(y64)), f"unwritten or non-finite outputs: {where}"
+        err = _rel_error(y64, x64 @ w64.T)
+        assert err < REL_ERROR_BOUND[dtype], f"rel error {err:.2e}: {where}"
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_one_hot_rows_read_back_weight_columns_exactly(bits, dtype):
+    """x = rows of the identity: y[i] must equal dequantized column k_i bit for bit."""
+    n, k = 200, 768
+    packed, w64 = _weight(n, k, bits, 64, dtype)
+    cols = np.random.default_rng(bits).permutation(k)[:37]
+    x64 = np.zeros((len(cols), k))
+    x64[np.arange(len(cols)), cols] = 1.0
+    y = cuflute.qgemm(_to_torch(x64, dtype), packed).double().cpu().numpy()
+    np.testing.assert_array_equal(y, w64[:, cols].T, err_msg=f"{bits=} {dtype}")
+
+
+def test_cupy_in_cupy_out():
+    import cupy
+
+    packed, w64 = _weight(1000, 1280, 4, 128, "float16")
+    x64 = _random_x(5, 1280, "float16", seed=1)
+    y = cuflute.qgemm(cupy.asarray(x64.astype(np.float16)), packed)
+    assert isinstance(y, cupy.ndarray) and y.dtype == np.float16 and y.shape == (5, 1000)
+    assert _rel_error(cupy.asnumpy(y).astype(np.float64), x64 @ w64.T) < REL_ERROR_BOUND["float16"]
+
+
+def test_batch_dims_views_and_empty():
+    packed, w64 = _weight(200, 768, 3, 128, "float16")
+    x64 = _random_x(2 * 3 * 5, 768, "float16", seed=2)
+    x = _to_torch(x64, "float16")
+    y = cuflute.qgemm(x.view(2, 3, 5, 768), packed)
+    assert y.shape == (2, 3, 5, 200)
+    ref = x64 @ w64.T
+    assert _rel_error(y.reshape(30, 200).double().cpu().numpy(), ref) < 1e-3
+    # a row slice with a stride is read in place; a transposed copy goes through .contiguous()
+    wide = _to_torch(_random_x(30, 1024, "float16", seed=3), "float16")
+    wide[:, 100:868] = x
+    y2 = cuflute.qgemm(wide[:, 100:868], packed).double().cpu().numpy()
+    assert _rel_error(y2, ref) < 1e-3
+    y3 = cuflute.qgemm(x.t().contiguous().t(), packed).double().cpu().numpy()
+    assert _rel_error(y3, ref) < 1e-3
+    empty = cuflute.qgemm(x[:0], packed)
+    assert empty.shape == (0, 200)
+
+
+def test_runs_on_the_callers_stream_and_in_a_cuda_graph():
+    packed, w64 = _weight(1000, 1280, 4, 128, "float16")
+    x = _to_torch(_random_x(4, 1280, "float16", seed=4), "float16")
+    out = torch.empty(4, 1000, dtype=torch.float16, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        cuflute.qgemm(x, packed, out=out)  # warm-up compiles outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            cuflute.qgemm(x, packed, out=out)
+    torch.cuda.current_stream().wait_stream(side)
+    for seed in (5, 6):
+        x64 = _random_x(4, 1280, "float16", seed=seed)
+        x.copy_(_to_torch(x64, "float16"))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert _rel_error(out.double().cpu().numpy(), x64 @ w64.T) < 1e-3
+
+
+def test_errors():
+    packed, _ = _weight(64, 256, 4, 128, "float16")
+    x = _to_torch(_random_x(2, 256, "float16", seed=7), "float16")
+    with pytest.raises(TypeError, match="x has dtype bfloat16, the packed weight was packed for float16"):
+        cuflute.qgemm(x.bfloat16(), packed)
+    with pytest.raises(ValueError, match="x has K = 128"):
+        cuflute.qgemm(x[:, :128], packed)
+    with pytest.raises(ValueError, match="packed weight is on the host"):
+        cuflute.qgemm(x, packed.to_host())
+    with pytest.raises(ValueError, match="out must be a contiguous torch array of shape"):
+        cuflute.qgemm(x, packed, out=torch.empty(2, 65, dtype=torch.float16, device="cuda"))
