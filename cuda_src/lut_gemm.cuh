@@ -12,7 +12,7 @@
 //   GROUP  scale group size in k elements: 32, 64, 128, 256, or 0 for one group per row
 //   T      __half or __nv_bfloat16
 //   NT     16-row n tiles per warp (each warp owns NT * 16 output rows of its CTA)
-//   MT     8-column m tiles per CTA (blockIdx.y steps M by 8 * MT)
+//   MT     8-column m tiles per CTA (blockIdx.x steps M by 8 * MT, blockIdx.y N by 16 * NT)
 //   WK     warps per CTA; they split the K chunks of the CTA's rows and are summed in shared memory
 //
 // Packed layout (produced by cuflute.packing.pack, inverted by cuflute.reference.unpack_codes)
@@ -52,9 +52,10 @@ template <int BITS> struct CodeLayout {
   static_assert(BITS >= 2 && BITS <= 4, "BITS must be 2, 3 or 4");
   static constexpr int kWords = 4 * BITS;                 // per lane per (tile, chunk)
   static constexpr int kLutEntries = 1 << (2 * BITS);
-  // Shared-memory copies of the pair LUT, interleaved so that lane l reads copy l % kLutCopies:
-  // more copies, fewer lanes per bank. 8 KiB for 3 and 4 bits, 2 KiB for 2 bits.
-  static constexpr int kLutCopies = BITS == 4 ? 8 : 32;
+  // Shared-memory copies of the pair LUT, interleaved (entry e of copy c at word 32 e + c) so
+  // that lane l reads copy l: every lane has a bank of its own, whatever the fields.
+  // 32 KiB for 4 bits, 8 KiB for 3, 2 KiB for 2.
+  static constexpr int kLutCopies = 32;
 
   static __device__ __forceinline__ int field(const u32 (&w)[kWords], int s, int p) {
     if constexpr (BITS == 4) {
@@ -69,6 +70,14 @@ template <int BITS> struct CodeLayout {
   }
 };
 
+// Weights are read once: keep them out of L1, which holds the x rows that CTAs share.
+__device__ __forceinline__ uint4 load_streaming(const uint4* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
 template <int BITS, int GROUP, typename T, int NT, int MT, int WK>
 __global__ void __launch_bounds__(32 * WK)
 lut_gemm(const T* __restrict__ x, long long x_row_stride,
@@ -76,26 +85,32 @@ lut_gemm(const T* __restrict__ x, long long x_row_stride,
          const u32* __restrict__ pair_lut, T* __restrict__ y,
          int M, int N, int K, int k_chunks, int n_groups) {
   static_assert(GROUP == 0 || (GROUP >= 16 && kChunkK % GROUP == 0), "GROUP must divide 256");
+  static_assert(kStepsPerChunk % MT == 0, "MT must divide the 16 steps of a chunk");
   using Traits = DTypeTraits<T>;
   using Layout = CodeLayout<BITS>;
   using pair_t = typename Traits::pair_t;
   constexpr int kCopies = Layout::kLutCopies;
   constexpr int kGroupsPerChunk = GROUP == 0 ? 1 : kChunkK / GROUP;
   constexpr int kAccPerWarp = NT * MT * 4 * 32;            // (nt, mt, c register, lane)
+  constexpr int kLutWords = Layout::kLutEntries * kCopies;
+  constexpr int kPartialWords = WK > 1 ? WK * kAccPerWarp : 0;
 
-  __shared__ u32 lut_sh[Layout::kLutEntries * kCopies];
-  __shared__ float partial_sh[WK > 1 ? WK * kAccPerWarp : 1];
+  // The LUT while the K loop runs, then the warps' partial sums: one buffer serves both.
+  __shared__ __align__(16) u32 smem[kLutWords > kPartialWords ? kLutWords : kPartialWords];
+  u32* lut_sh = smem;
+  float* partial_sh = reinterpret_cast<float*>(smem);
 
-  for (int i = threadIdx.x; i < Layout::kLutEntries * kCopies; i += 32 * WK)
-    lut_sh[i] = pair_lut[i / kCopies];
+  for (int i = threadIdx.x; i < kLutWords; i += 32 * WK) lut_sh[i] = pair_lut[i / kCopies];
   __syncthreads();
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int gid = lane >> 2, tig = lane & 3;
   const u32* lut = lut_sh + lane % kCopies;
   const int n_tiles = (N + 15) / 16;
-  const int tile0 = blockIdx.x * NT;
-  const int m0 = blockIdx.y * 8 * MT;
+  // m blocks vary fastest, so the CTAs that read the same weight rows run together and the
+  // second and later ones find the weight in L2.
+  const int m0 = blockIdx.x * 8 * MT;
+  const int tile0 = blockIdx.y * NT;
 
   // B fragment rows: x[m0 + 8 mt + gid][k + 2 tig (+8)], zero for m >= M.
   const T* x_lane[MT];
@@ -115,9 +130,9 @@ lut_gemm(const T* __restrict__ x, long long x_row_stride,
 #pragma unroll
       for (int r = 0; r < 4; ++r) acc[nt][mt][r] = 0.f;
 
-  for (int c = warp; c < k_chunks; c += WK) {
-    u32 w[NT][Layout::kWords];
-    u32 sw[NT][kGroupsPerChunk];
+  // One chunk's codes and scale words for this lane, zero for tiles past N.
+  u32 w[NT][Layout::kWords], sw[NT][kGroupsPerChunk];
+  auto load_chunk = [&](int c, u32 (&w_)[NT][Layout::kWords], u32 (&sw_)[NT][kGroupsPerChunk]) {
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       const int tile = tile0 + nt;
@@ -125,42 +140,67 @@ lut_gemm(const T* __restrict__ x, long long x_row_stride,
       const uint4* src = qweight + ((long long)tile * k_chunks + c) * BITS * 32 + lane;
 #pragma unroll
       for (int v = 0; v < BITS; ++v) {
-        const uint4 q = tile_valid ? __ldg(src + 32 * v) : make_uint4(0, 0, 0, 0);
-        w[nt][4 * v + 0] = q.x;
-        w[nt][4 * v + 1] = q.y;
-        w[nt][4 * v + 2] = q.z;
-        w[nt][4 * v + 3] = q.w;
+        const uint4 q = tile_valid ? load_streaming(src + 32 * v) : make_uint4(0, 0, 0, 0);
+        w_[nt][4 * v + 0] = q.x;
+        w_[nt][4 * v + 1] = q.y;
+        w_[nt][4 * v + 2] = q.z;
+        w_[nt][4 * v + 3] = q.w;
       }
 #pragma unroll
       for (int j = 0; j < kGroupsPerChunk; ++j) {
         const int group = GROUP == 0 ? 0 : c * kGroupsPerChunk + j;
-        sw[nt][j] = tile_valid ? __ldg(scales + ((long long)tile * n_groups + group) * 8 + gid) : 0u;
+        sw_[nt][j] = tile_valid ? __ldg(scales + ((long long)tile * n_groups + group) * 8 + gid) : 0u;
+      }
+    }
+  };
+
+  // Register double buffering: the next chunk's weights are in flight while this one computes.
+  if (warp < k_chunks) load_chunk(warp, w, sw);
+  for (int c = warp; c < k_chunks; c += WK) {
+    u32 w_next[NT][Layout::kWords], sw_next[NT][kGroupsPerChunk];
+    if (c + WK < k_chunks) load_chunk(c + WK, w_next, sw_next);
+
+    // x fragments are loaded a batch of steps ahead of their mma: 32 registers whatever MT.
+    constexpr int kStepsPerBatch = kStepsPerChunk / MT;
+    const bool full_chunk = (c + 1) * kChunkK <= K;
+#pragma unroll
+    for (int s0 = 0; s0 < kStepsPerChunk; s0 += kStepsPerBatch) {
+      u32 b[kStepsPerBatch][MT][2];
+#pragma unroll
+      for (int i = 0; i < kStepsPerBatch; ++i) {
+        const int k = c * kChunkK + 16 * (s0 + i);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          const u32* xp = reinterpret_cast<const u32*>(x_lane[mt] + k);
+          b[i][mt][0] = m_valid[mt] && (full_chunk || k + 2 * tig < K) ? __ldg(xp) : 0u;
+          b[i][mt][1] = m_valid[mt] && (full_chunk || k + 2 * tig + 8 < K) ? __ldg(xp + 4) : 0u;
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kStepsPerBatch; ++i) {
+        const int s = s0 + i;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          const u32 scale_word = sw[nt][GROUP == 0 ? 0 : 16 * s / GROUP];
+          const pair_t scale_lo = Traits::broadcast_low(scale_word);    // row gid
+          const pair_t scale_hi = Traits::broadcast_high(scale_word);   // row gid + 8
+          u32 a[4];
+#pragma unroll
+          for (int p = 0; p < 4; ++p)
+            a[p] = Traits::scale_pair(lut[Layout::field(w[nt], s, p) * kCopies],
+                                      p & 1 ? scale_hi : scale_lo);
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) Traits::mma(acc[nt][mt], a, b[i][mt][0], b[i][mt][1]);
+        }
       }
     }
 
 #pragma unroll
-    for (int s = 0; s < kStepsPerChunk; ++s) {
-      const int k = c * kChunkK + 16 * s;
-      u32 b[MT][2];
+    for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        const u32* xp = reinterpret_cast<const u32*>(x_lane[mt] + k);
-        b[mt][0] = m_valid[mt] && k + 2 * tig < K ? __ldg(xp) : 0u;
-        b[mt][1] = m_valid[mt] && k + 2 * tig + 8 < K ? __ldg(xp + 4) : 0u;
-      }
+      for (int i = 0; i < Layout::kWords; ++i) w[nt][i] = w_next[nt][i];
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        const u32 scale_word = sw[nt][GROUP == 0 ? 0 : 16 * s / GROUP];
-        const pair_t scale_lo = Traits::broadcast_low(scale_word);    // row gid
-        const pair_t scale_hi = Traits::broadcast_high(scale_word);   // row gid + 8
-        u32 a[4];
-#pragma unroll
-        for (int p = 0; p < 4; ++p)
-          a[p] = Traits::scale_pair(lut[Layout::field(w[nt], s, p) * kCopies],
-                                    p & 1 ? scale_hi : scale_lo);
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) Traits::mma(acc[nt][mt], a, b[mt][0], b[mt][1]);
-      }
+      for (int j = 0; j < kGroupsPerChunk; ++j) sw[nt][j] = sw_next[nt][j];
     }
   }
 
@@ -179,6 +219,7 @@ lut_gemm(const T* __restrict__ x, long long x_row_stride,
 #pragma unroll
         for (int r = 0; r < 4; ++r) store(acc[nt][mt][r], nt, mt, r, lane);
   } else {
+    __syncthreads();  // every warp is past its last LUT read before the buffer is reused
     float* mine = partial_sh + warp * kAccPerWarp;
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)

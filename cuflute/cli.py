@@ -1,4 +1,4 @@
-"""``python -m cuflute {bench,compile,compile-check}``."""
+"""``python -m cuflute {bench,tune,compile,compile-check}``."""
 from __future__ import annotations
 
 import argparse
@@ -35,7 +35,7 @@ def _compile_check(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    from . import bench
+    from . import bench, tune
 
     parser = argparse.ArgumentParser(prog="cuflute", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -43,6 +43,11 @@ def main(argv=None) -> int:
     bench_parser = commands.add_parser("bench", help="time qgemm against cuBLAS fp16 and the peers")
     bench.add_arguments(bench_parser)
     bench_parser.set_defaults(run=bench.run)
+
+    tune_parser = commands.add_parser(
+        "tune", help="time the tile configs of a sweep file, write tuning/configs/<gpu>.yaml")
+    tune.add_arguments(tune_parser)
+    tune_parser.set_defaults(run=tune.run)
 
     compile_parser = commands.add_parser("compile", help="JIT-compile every kernel for a GPU")
     compile_parser.add_argument("--device", type=int, default=0)

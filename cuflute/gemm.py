@@ -8,7 +8,7 @@ import numpy as np
 
 from . import interop
 from .dispatch import select_config
-from .kernels import KernelSpec, get_kernel
+from .kernels import KernelSpec, TileConfig, get_kernel
 from .packing import PackedWeight
 
 _MAX_GRID_Y = 65535
@@ -25,12 +25,19 @@ def gpu_available() -> bool:
 
 
 @lru_cache(maxsize=None)
-def device_arch(device: int) -> tuple[int, int]:
-    """(compute capability as 80/86/89/90..., SM count) of a CUDA device."""
+def _device_properties(device: int) -> dict:
     import cupy
 
-    props = cupy.cuda.runtime.getDeviceProperties(device)
-    return 10 * props["major"] + props["minor"], props["multiProcessorCount"]
+    return cupy.cuda.runtime.getDeviceProperties(device)
+
+
+def sm_count(device: int) -> int:
+    return _device_properties(device)["multiProcessorCount"]
+
+
+def device_name(device: int) -> str:
+    name = _device_properties(device)["name"]
+    return name.decode() if isinstance(name, bytes) else name
 
 
 def _check(mat: interop.DeviceMatrix, packed: PackedWeight) -> None:
@@ -44,11 +51,12 @@ def _check(mat: interop.DeviceMatrix, packed: PackedWeight) -> None:
         raise ValueError(f"x is on cuda:{mat.device}, the packed weight on cuda:{packed.device}")
 
 
-def qgemm(x, packed: PackedWeight, out=None):
+def qgemm(x, packed: PackedWeight, out=None, config: TileConfig | None = None):
     """``x [..., K] @ W'^T -> [..., N]`` for a packed weight on x's device.
 
     x is a CUDA torch tensor (returns a torch tensor) or a CuPy array (returns a CuPy array) of
-    the packed weight's dtype. The kernel runs on the caller's current stream.
+    the packed weight's dtype. The kernel runs on the caller's current stream. ``config``
+    forces a tile config (the tuner's use); by default the tuned table or the heuristic picks.
     """
     mat = interop.as_device_matrix(x)
     _check(mat, packed)
@@ -60,24 +68,20 @@ def qgemm(x, packed: PackedWeight, out=None):
     if mat.m == 0 or packed.n == 0:
         return out
 
-    arch, sm_count = device_arch(mat.device)
-    tile = select_config(mat.m, packed.n, packed.k, packed.bits, packed.kernel_group, arch, sm_count)
+    tile = config or select_config(mat.m, packed.n, packed.k, packed.bits, packed.kernel_group,
+                                   packed.dtype, sm_count(mat.device), device_name(mat.device))
+    grid = (-(-mat.m // tile.block_m), -(-packed.n_tiles // tile.nt), 1)
+    if grid[1] > _MAX_GRID_Y:
+        raise ValueError(f"N = {packed.n} needs {grid[1]} CTA rows, more than CUDA's {_MAX_GRID_Y}")
     kernel = get_kernel(KernelSpec(packed.bits, packed.kernel_group, packed.dtype, tile), mat.device)
+    args = (
+        np.uint64(mat.ptr), np.int64(mat.row_stride),
+        packed.qweight, packed.scales, packed.pair_lut, np.uint64(out_ptr),
+        np.int32(mat.m), np.int32(packed.n), np.int32(packed.k),
+        np.int32(packed.k_chunks), np.int32(packed.n_groups),
+    )
     import cupy
 
-    itemsize = 2
-    rows_per_launch = _MAX_GRID_Y * tile.block_m
     with cupy.cuda.Device(mat.device):
-        stream = interop.launch_stream(mat)
-        for m0 in range(0, mat.m, rows_per_launch):
-            m = min(rows_per_launch, mat.m - m0)
-            grid = (-(-packed.n_tiles // tile.nt), -(-m // tile.block_m), 1)
-            args = (
-                np.uint64(mat.ptr + m0 * mat.row_stride * itemsize), np.int64(mat.row_stride),
-                packed.qweight, packed.scales, packed.pair_lut,
-                np.uint64(out_ptr + m0 * packed.n * itemsize),
-                np.int32(m), np.int32(packed.n), np.int32(packed.k),
-                np.int32(packed.k_chunks), np.int32(packed.n_groups),
-            )
-            kernel(grid, (tile.threads, 1, 1), args, stream=stream)
+        kernel(grid, (tile.threads, 1, 1), args, stream=interop.launch_stream(mat))
     return out

@@ -50,11 +50,24 @@ class TileConfig:
 
 # For compilation time, only the shapes that the dispatcher and the tuner use are instantiated.
 TILE_CONFIGS = (
-    TileConfig(nt=2, mt=1, wk=8),
-    TileConfig(nt=2, mt=2, wk=8),
-    TileConfig(nt=2, mt=4, wk=4),
     TileConfig(nt=1, mt=1, wk=8),
+    TileConfig(nt=2, mt=1, wk=8),
+    TileConfig(nt=1, mt=1, wk=4),
+    TileConfig(nt=1, mt=2, wk=4),
+    TileConfig(nt=1, mt=2, wk=8),
+    TileConfig(nt=2, mt=2, wk=8),
+    TileConfig(nt=1, mt=4, wk=4),
+    TileConfig(nt=2, mt=4, wk=4),
 )
+
+
+def parse_tile_config(text: str) -> TileConfig:
+    """'nt2_mt1_wk8' -> TileConfig(2, 1, 8), one of TILE_CONFIGS."""
+    match = re.fullmatch(r"nt(\d+)_mt(\d+)_wk(\d+)", text.strip())
+    config = match and TileConfig(*(int(v) for v in match.groups()))
+    if config not in TILE_CONFIGS:
+        raise ValueError(f"tile config must be one of {[str(c) for c in TILE_CONFIGS]}, got {text!r}")
+    return config
 
 
 @dataclass(frozen=True)

@@ -155,6 +155,19 @@ class PackedWeight:
                 device=dev.id,
             )
 
+    def take_tiles(self, tiles) -> "PackedWeight":
+        """The rows of whole 16-row tiles ``tiles`` (each below n // 16), as a host PackedWeight:
+        a small piece of a large weight for checking a kernel against cuflute.reference."""
+        tiles = np.asarray(tiles, dtype=np.int64)
+        if tiles.size and (tiles.min() < 0 or tiles.max() >= self.n // TILE_N):
+            raise ValueError(f"tiles must be whole tiles below {self.n // TILE_N}, got {tiles}")
+        if self.device is not None:
+            import cupy
+
+            tiles = cupy.asarray(tiles)
+        return replace(self, n=TILE_N * len(tiles), qweight=self.qweight[tiles],
+                       scales=self.scales[tiles]).to_host()
+
     def to_host(self) -> "PackedWeight":
         if self.device is None:
             return self

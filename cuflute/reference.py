@@ -8,6 +8,11 @@ from __future__ import annotations
 import numpy as np
 
 from . import dtypes
+
+# ||y - ref|| / ||ref|| that a kernel output in each dtype must stay under, ref in float64 from the
+# same dequantized weight: the output's own rounding is ~2**-11 (fp16) or ~2**-8 (bf16) relative,
+# and the bounds leave room for float32 accumulation order, nothing more.
+REL_ERROR_BOUND = {"float16": 1e-3, "bfloat16": 8e-3}
 from .packing import (
     CHUNK_K,
     FRAGMENT_K,

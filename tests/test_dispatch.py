@@ -1,21 +1,21 @@
 import pytest
 
-from cuflute.dispatch import select_config
-from cuflute.kernels import TILE_CONFIGS, KernelSpec, TileConfig, all_specs
+from cuflute import dispatch
+from cuflute.dispatch import gpu_slug, heuristic_config, select_config
+from cuflute.kernels import TILE_CONFIGS, KernelSpec, TileConfig, all_specs, parse_tile_config
 
 
 @pytest.mark.parametrize("m", [1, 2, 7, 8, 9, 16, 17, 64, 300, 100000])
 @pytest.mark.parametrize("n", [1, 16, 300, 4096, 57344])
-def test_select_config_covers_m(m, n):
-    tile = select_config(m, n, 4096, 4, 128, 90)
+def test_heuristic_covers_every_m(m, n):
+    tile = select_config(m, n, 4096, 4, 128, "float16")
     assert tile in TILE_CONFIGS
-    # the m tile never exceeds what the problem needs by more than one step
-    assert tile.block_m < 2 * max(m, 8) or tile.mt == 1
+    assert tile.block_m <= max(8, 2 * m), f"{m=} {n=} {tile}"
 
 
-def test_small_n_uses_more_ctas():
-    assert select_config(1, 4096, 4096, 4, 128, 90).nt == 1
-    assert select_config(1, 57344, 8192, 4, 128, 90).nt == 2
+def test_heuristic_widens_only_with_many_tiles():
+    assert heuristic_config(1, 4096, 132).nt == 1
+    assert heuristic_config(1, 57344, 132).nt == 2
 
 
 def test_kernel_spec_validation():
@@ -31,3 +31,33 @@ def test_name_expression_and_count():
     spec = KernelSpec(3, 0, "bfloat16", TileConfig(2, 4, 4))
     assert spec.name_expression == "cuflute::lut_gemm<3, 0, __nv_bfloat16, 2, 4, 4>"
     assert len(all_specs()) == 3 * 5 * 2 * len(TILE_CONFIGS)
+
+
+def test_parse_tile_config():
+    assert parse_tile_config("nt2_mt4_wk4") == TileConfig(2, 4, 4)
+    with pytest.raises(ValueError, match="tile config must be one of"):
+        parse_tile_config("nt3_mt3_wk3")
+    with pytest.raises(ValueError, match="tile config must be one of"):
+        parse_tile_config("fast")
+
+
+def test_gpu_slug():
+    assert gpu_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+
+
+def test_tuned_table_overrides_the_heuristic(tmp_path, monkeypatch):
+    (tmp_path / "test-gpu.yaml").write_text(
+        "gpu: Test GPU\nentries:\n"
+        "- {bits: 4, group: 128, dtype: float16, n: 4096, k: 4096, m: 4, config: nt2_mt1_wk8, us: 1.0}\n"
+        "- {bits: 4, group: 128, dtype: float16, n: 4096, k: 4096, m: 32, config: nt2_mt4_wk4, us: 2.0}\n")
+    monkeypatch.setenv("CUFLUTE_TUNING_DIR", str(tmp_path))
+    dispatch.tuned_table.cache_clear()
+    try:
+        pick = lambda m, n=4096: select_config(m, n, 4096, 4, 128, "float16", gpu_name="Test GPU")
+        assert pick(1) == pick(4) == TileConfig(2, 1, 8)  # smallest bucket at or above m
+        assert pick(5) == pick(32) == pick(1000) == TileConfig(2, 4, 4)  # largest past the end
+        assert pick(1, n=8192) == heuristic_config(1, 8192, 132)  # untuned shape: heuristic
+        assert select_config(1, 4096, 4096, 4, 128, "float16", gpu_name="Other GPU") == \
+            heuristic_config(1, 4096, 132)
+    finally:
+        dispatch.tuned_table.cache_clear()

@@ -15,9 +15,7 @@ from cuflute import dtypes, reference
 pytestmark = pytest.mark.gpu
 torch = pytest.importorskip("torch") if cuflute.gpu_available() else None
 
-# The output's own rounding is ~2**-11 (fp16) or ~2**-8 (bf16) relative; the bounds leave room for
-# float32 accumulation order, nothing more.
-REL_ERROR_BOUND = {"float16": 1e-3, "bfloat16": 8e-3}
+REL_ERROR_BOUND = reference.REL_ERROR_BOUND
 SHAPES = [(64, 256), (200, 768), (1000, 1280), (72, 352), (24, 96), (4096, 4096)]
 GROUPS = [32, 64, 128, 256, None]
 MS = [1, 3, 16, 33, 128, 300]

@@ -104,3 +104,16 @@ def test_random_packed_is_valid():
     assert codes.shape == (40, 500) and codes.max() == 7 and codes.min() == 0
     w = reference.dequantize(packed)
     assert np.all(np.isfinite(w)) and np.abs(w).max() <= 0.03
+
+
+def test_take_tiles_is_those_rows():
+    qw = _quantized(70, 512, 3, 64, seed=9)
+    packed = pack(qw, "bfloat16")
+    part = packed.take_tiles([3, 0])
+    assert part.n == 32 and part.k == 512
+    np.testing.assert_array_equal(reference.unpack_codes(part),
+                                  qw.codes[np.r_[48:64, 0:16]])
+    np.testing.assert_array_equal(reference.dequantize(part),
+                                  reference.dequantize(packed)[np.r_[48:64, 0:16]])
+    with pytest.raises(ValueError, match="whole tiles below 4"):
+        packed.take_tiles([4])

@@ -1,0 +1,159 @@
+"""``python -m cuflute tune tuning/sweeps/<name>.yaml``: time every candidate tile config per
+(shape, bits, group, dtype, M bucket), each checked against the reference before it is timed,
+and write the winners to ``tuning/configs/<gpu>.yaml``, which the dispatcher reads at run time.
+
+A sweep file::
+
+    name: h100-decode
+    shapes: [[4096, 4096], [8192, 28672]]     # (N, K)
+    bits: [4, 3]
+    group_sizes: [128]                        # or "channel" for one group per row
+    dtypes: [float16]
+    m_buckets: [1, 4, 16, 32, 64, 128]
+    candidates: all                           # or a list like [nt1_mt1_wk8, nt2_mt1_wk8]
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from . import bench, reference
+from .dispatch import gpu_slug, heuristic_config, tuning_dir
+from .dtypes import DTYPES
+from .formats import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+from .gemm import qgemm
+from .kernels import TILE_CONFIGS, TileConfig, parse_tile_config
+from .packing import TILE_N, random_packed
+
+CHECK_TILES = 4  # row tiles of each weight compared with the NumPy reference
+
+
+@dataclass(frozen=True)
+class Sweep:
+    name: str
+    shapes: tuple[tuple[int, int], ...]
+    bits: tuple[int, ...]
+    group_sizes: tuple  # ints, or "channel"
+    dtypes: tuple[str, ...]
+    m_buckets: tuple[int, ...]
+    candidates: tuple[TileConfig, ...]
+
+
+def _as_list(doc: dict, key: str) -> list:
+    if key not in doc:
+        raise ValueError(f"sweep file has no '{key}'")
+    value = doc[key]
+    return value if isinstance(value, list) else [value]
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Read and validate a sweep file; every error names the key and the allowed values."""
+    doc = yaml.safe_load(Path(path).read_text()) or {}
+    shapes = tuple(tuple(int(v) for v in s) for s in _as_list(doc, "shapes"))
+    if any(len(s) != 2 or min(s) < 1 for s in shapes):
+        raise ValueError(f"shapes must be [N, K] pairs of positive integers, got {doc['shapes']}")
+    checks = (("bits", SUPPORTED_BITS), ("group_sizes", SUPPORTED_GROUP_SIZES + ("channel",)),
+              ("dtypes", DTYPES))
+    for key, allowed in checks:
+        bad = [v for v in _as_list(doc, key) if v not in allowed]
+        if bad:
+            raise ValueError(f"{key} must be among {allowed}, got {bad}")
+    m_buckets = tuple(sorted(int(m) for m in _as_list(doc, "m_buckets")))
+    if min(m_buckets) < 1:
+        raise ValueError(f"m_buckets must be positive, got {list(m_buckets)}")
+    candidates = doc.get("candidates", "all")
+    configs = TILE_CONFIGS if candidates == "all" else tuple(parse_tile_config(c) for c in candidates)
+    return Sweep(name=str(doc.get("name", Path(path).stem)), shapes=shapes,
+                 bits=tuple(doc["bits"]), group_sizes=tuple(_as_list(doc, "group_sizes")),
+                 dtypes=tuple(_as_list(doc, "dtypes")), m_buckets=m_buckets, candidates=configs)
+
+
+def _rel_error(y: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+
+
+def tune_problem(n, k, bits, group_size, dtype, sweep: Sweep, rotate_bytes, replays, bar,
+                 sm_count: int) -> list[dict]:
+    """The winning config of each M bucket for one weight shape; failures are errors."""
+    import torch
+
+    group = None if group_size == "channel" else group_size
+    device = torch.cuda.current_device()
+    copies = bench.rotation_copies(rotate_bytes, bench.packed_nbytes(n, k, bits, group or k))
+    weights = [random_packed(n, k, bits, group, dtype, device=device, seed=s) for s in range(copies)]
+    rng = np.random.default_rng(n * 31 + k)
+    tiles = rng.choice(n // TILE_N, size=min(CHECK_TILES, n // TILE_N), replace=False)
+    rows = (tiles[:, None] * TILE_N + np.arange(TILE_N)).ravel()
+    sample = weights[0].take_tiles(tiles)
+    entries = []
+    for m in sweep.m_buckets:
+        x = torch.randn(m, k, dtype=getattr(torch, dtype), device="cuda")
+        ref = reference.qgemm(x.double().cpu().numpy(), sample)
+        times = {}
+        for config in sweep.candidates:
+            bar.set_description(f"{n}x{k} {bits}-bit M={m} {config}")
+            y = qgemm(x, weights[0], config=config)[:, torch.as_tensor(rows, device="cuda")]
+            err = _rel_error(y.double().cpu().numpy(), ref)
+            if not err < reference.REL_ERROR_BOUND[dtype]:
+                raise RuntimeError(f"{config} is wrong for {n=} {k=} {bits=} group={group_size} "
+                                   f"{dtype} {m=}: relative error {err:.2e}")
+            calls = [partial(qgemm, x, w, out=x.new_empty(m, n), config=config) for w in weights]
+            times[config] = bench.time_graph_us(calls, replays)
+            bar.update()
+        best = min(times, key=times.get)
+        heuristic_us = times.get(heuristic_config(m, n, sm_count))
+        entries.append({"bits": bits, "group": 0 if group is None else group, "dtype": dtype,
+                        "n": n, "k": k, "m": m, "config": str(best), "us": round(times[best], 2),
+                        "heuristic_us": None if heuristic_us is None else round(heuristic_us, 2)})
+    del weights
+    bench.release_memory()
+    return entries
+
+
+def run_sweep(sweep: Sweep, rotate_bytes: int | None, replays: int) -> dict:
+    import torch
+
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    rotate = rotate_bytes or 2 * props.L2_cache_size
+    problems = [(n, k, b, g, d) for n, k in sweep.shapes for b in sweep.bits
+                for g in sweep.group_sizes for d in sweep.dtypes]
+    bar = bench.progress_bar(len(problems) * len(sweep.m_buckets) * len(sweep.candidates))
+    entries = []
+    for problem in problems:
+        entries += tune_problem(*problem, sweep, rotate, replays, bar, props.multi_processor_count)
+    bar.close()
+    return {"gpu": props.name, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+            "sweep": sweep.name, "versions": bench.package_versions(),
+            "method": f"median of {replays} CUDA-graph replays, weights rotated over {rotate} bytes",
+            "entries": entries}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sweep", help="a sweep file, e.g. tuning/sweeps/h100.yaml")
+    parser.add_argument("--out", help="default: tuning/configs/<gpu>.yaml")
+    parser.add_argument("--replays", type=bench.positive_int, default=bench.DEFAULT_REPLAYS)
+    parser.add_argument("--rotate-bytes", type=bench.parse_bytes, default=None,
+                        help="weight bytes to rotate over (default: twice the L2 size)")
+
+
+def run(args: argparse.Namespace) -> int:
+    sweep = load_sweep(args.sweep)
+    reason = bench.gpu_skip_reason()
+    if reason:
+        print(f"cuflute tune: {reason}; the sweep {sweep.name!r} is valid, nothing was timed")
+        return 1
+    result = run_sweep(sweep, args.rotate_bytes, args.replays)
+    out = Path(args.out) if args.out else tuning_dir() / f"{gpu_slug(result['gpu'])}.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    bench.write_atomically(str(out), yaml.safe_dump(result, sort_keys=False, width=120))
+    for e in result["entries"]:
+        print(f"{e['n']:>6} {e['k']:>6} {e['bits']}-bit g{e['group']:<4} {e['dtype']:<8} "
+              f"M={e['m']:<4} {e['config']:<12} {e['us']:8.2f} us")
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,51 @@
+from pathlib import Path
+
+import pytest
+
+from cuflute.kernels import TILE_CONFIGS, TileConfig
+from cuflute.tune import load_sweep
+
+SWEEPS = Path(__file__).resolve().parent.parent / "tuning" / "sweeps"
+
+
+@pytest.mark.parametrize("path", sorted(SWEEPS.glob("*.yaml")), ids=lambda p: p.name)
+def test_committed_sweeps_load(path):
+    sweep = load_sweep(path)
+    assert sweep.shapes and sweep.m_buckets == tuple(sorted(sweep.m_buckets))
+    assert set(sweep.candidates) <= set(TILE_CONFIGS)
+
+
+def _write(tmp_path, body):
+    path = tmp_path / "s.yaml"
+    path.write_text(body)
+    return path
+
+
+BASE = ("shapes: [[64, 256]]\nbits: [4]\ngroup_sizes: [128, channel]\ndtypes: [float16]\n"
+        "m_buckets: [16, 1]\n")
+
+
+def test_sweep_fields(tmp_path):
+    sweep = load_sweep(_write(tmp_path, BASE + "candidates: [nt1_mt1_wk8, nt2_mt4_wk4]\n"))
+    assert sweep.name == "s" and sweep.shapes == ((64, 256),) and sweep.m_buckets == (1, 16)
+    assert sweep.group_sizes == (128, "channel")
+    assert sweep.candidates == (TileConfig(1, 1, 8), TileConfig(2, 4, 4))
+    assert load_sweep(_write(tmp_path, BASE)).candidates == TILE_CONFIGS
+
+
+@pytest.mark.parametrize("replace, match", [
+    (("bits: [4]", "bits: [5]"), r"bits must be among \(2, 3, 4\), got \[5\]"),
+    (("group_sizes: [128, channel]", "group_sizes: [100]"), "group_sizes must be among"),
+    (("dtypes: [float16]", "dtypes: [float32]"), "dtypes must be among"),
+    (("shapes: [[64, 256]]", "shapes: [[64]]"), r"shapes must be \[N, K\] pairs"),
+    (("m_buckets: [16, 1]", "m_buckets: [0]"), "m_buckets must be positive"),
+    (("bits: [4]\n", ""), "sweep file has no 'bits'"),
+])
+def test_sweep_errors(tmp_path, replace, match):
+    with pytest.raises(ValueError, match=match):
+        load_sweep(_write(tmp_path, BASE.replace(*replace)))
+
+
+def test_unknown_candidate(tmp_path):
+    with pytest.raises(ValueError, match="tile config must be one of"):
+        load_sweep(_write(tmp_path, BASE + "candidates: [nt9_mt9_wk9]\n"))
