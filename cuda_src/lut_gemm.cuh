@@ -5,7 +5,8 @@
 // consecutive k in a row (GROUP == 0: one scale per row).
 //
 // The weight is the mma A operand (16 rows of n by 16 of k), x^T the B operand (16 k by 8 m):
-// at decode sizes M is small, so the 8-wide side of m16n8k16 goes to M.
+// at decode sizes M is small, so the 8-wide side of m16n8k16 goes to M. The A operand is the
+// table value T[q] alone; each group's partial sums are scaled in float32 when the group ends.
 //
 // Template parameters
 //   BITS   code width in bits: 2, 3 or 4
@@ -20,20 +21,25 @@
 //   qweight: uint4 [n_tiles][k_chunks][BITS][32 lanes]     n_tiles = ceil(N/16), k_chunks = ceil(K/256)
 //
 //   One warp streams one (n tile, chunk) = 16 rows x 256 k with BITS coalesced 16-byte loads per
-//   lane. The lane's 4*BITS words hold, for each of the chunk's 16 mma steps s (k16 each), the
-//   codes of exactly the 8 A-fragment elements that lane owns, as 4 pairs p (one register each):
+//   lane. The lane's 4*BITS words hold, for each of the chunk's 16 mma steps s, the codes of
+//   exactly the 8 A-fragment elements that lane owns, as 4 pairs p (one register each). The k
+//   order inside a chunk is permuted so that the x values a lane needs for steps 2j and 2j+1 are
+//   8 consecutive elements, one 16-byte load (the mma sums over k; only x has to follow):
 //
-//     lane = 4*gid + tig     p=0: row gid,   k 2tig, 2tig+1     p=2: row gid,   k 2tig+8, +9
-//                            p=1: row gid+8, k 2tig, 2tig+1     p=3: row gid+8, k 2tig+8, +9
+//     lane = 4*gid + tig      p=0: row gid,   k 32j + 8tig + 4(s%2) + {0, 1}     (j = s/2)
+//                             p=1: row gid+8, k 32j + 8tig + 4(s%2) + {0, 1}
+//                             p=2: row gid,   k 32j + 8tig + 4(s%2) + {2, 3}
+//                             p=3: row gid+8, k 32j + 8tig + 4(s%2) + {2, 3}
 //
-//   Each pair is one field that indexes the pair LUT directly (a shift and a mask):
+//   so step s lies inside k [32j, 32j + 32): inside one scale group. Each pair is one field that
+//   indexes the pair LUT directly (a shift and a mask):
 //     BITS 4: word s,         bits [8p, 8p+8)            field = q0 | q1 << 4
 //     BITS 2: word s/2,       bits [16(s%2)+4p, +4)      field = q0 | q1 << 2
 //     BITS 3: two bit planes, hi(q) = q >> 1 and lo(q) = q & 1:
 //             word s/2,       bits [16(s%2)+4p, +4)      hi field = hi(q0) | hi(q1) << 2
 //             word 8 + s/4,   bits [8(s%4)+2p, +2)       lo field = lo(q0) | lo(q1) << 1
 //             field = hi field << 2 | lo field
-//   (q0 is the code at the even k, q1 at the odd k of the pair.)
+//   (q0 is the code at the lower k, q1 at the next k of the pair.)
 //
 //   scales:   pair_t [n_tiles][n_groups][8 gid]   word = {S[16 tile + gid], S[16 tile + gid + 8]}
 //   pair_lut: pair_t [4^BITS]                     entry f = {T[q0], T[q1]} for the field f above
@@ -48,24 +54,32 @@ namespace cuflute {
 constexpr int kChunkK = 256;              // k per (tile, chunk): 16 mma steps of k16
 constexpr int kStepsPerChunk = kChunkK / 16;
 
+// v moved so that its bit `from` lands on bit `to` (both compile-time after unrolling).
+__device__ __forceinline__ u32 move_bits(u32 v, int from, int to) {
+  return from >= to ? v >> (from - to) : v << (to - from);
+}
+
 template <int BITS> struct CodeLayout {
   static_assert(BITS >= 2 && BITS <= 4, "BITS must be 2, 3 or 4");
   static constexpr int kWords = 4 * BITS;                 // per lane per (tile, chunk)
   static constexpr int kLutEntries = 1 << (2 * BITS);
-  // Shared-memory copies of the pair LUT, interleaved (entry e of copy c at word 32 e + c) so
-  // that lane l reads copy l: every lane has a bank of its own, whatever the fields.
+  // The pair LUT sits in shared memory 32 times, interleaved: entry f of copy c at byte
+  // 128 f + 4 c. Lane l reads copy l, so every lane has a bank of its own whatever the fields.
   // 32 KiB for 4 bits, 8 KiB for 3, 2 KiB for 2.
   static constexpr int kLutCopies = 32;
 
-  static __device__ __forceinline__ int field(const u32 (&w)[kWords], int s, int p) {
+  // Byte offset of pair p of step s in that LUT, for the lane whose copy starts at lane_bytes:
+  // the field is moved straight to bit 7, masked, and or-ed with the lane's bank.
+  static __device__ __forceinline__ u32 lut_offset(const u32 (&w)[kWords], int s, int p,
+                                                   u32 lane_bytes) {
     if constexpr (BITS == 4) {
-      return (w[s] >> (8 * p)) & 0xFF;
+      return (move_bits(w[s], 8 * p, 7) & 0x7F80u) | lane_bytes;
     } else if constexpr (BITS == 2) {
-      return (w[s >> 1] >> (16 * (s & 1) + 4 * p)) & 0xF;
+      return (move_bits(w[s >> 1], 16 * (s & 1) + 4 * p, 7) & 0x780u) | lane_bytes;
     } else {
-      const int hi = (w[s >> 1] >> (16 * (s & 1) + 4 * p)) & 0xF;
-      const int lo = (w[8 + (s >> 2)] >> (8 * (s & 3) + 2 * p)) & 0x3;
-      return (hi << 2) | lo;
+      const u32 hi = move_bits(w[s >> 1], 16 * (s & 1) + 4 * p, 9) & 0x1E00u;
+      const u32 lo = move_bits(w[8 + (s >> 2)], 8 * (s & 3) + 2 * p, 7) & 0x180u;
+      return hi | lo | lane_bytes;
     }
   }
 };
@@ -73,53 +87,55 @@ template <int BITS> struct CodeLayout {
 // Weights are read once: keep them out of L1, which holds the x rows that CTAs share.
 __device__ __forceinline__ uint4 load_streaming(const uint4* p) {
   uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
   return v;
 }
 
 template <int BITS, int GROUP, typename T, int NT, int MT, int WK>
-__global__ void __launch_bounds__(32 * WK)
+// One tile of each kind: 128 registers (16 warps an SM), which it fits without spilling.
+// More tiles: all the registers they need, down to one CTA an SM.
+__global__ void __launch_bounds__(32 * WK, NT * MT == 1 ? 16 / WK : 1)
 lut_gemm(const T* __restrict__ x, long long x_row_stride,
          const uint4* __restrict__ qweight, const u32* __restrict__ scales,
          const u32* __restrict__ pair_lut, T* __restrict__ y,
          int M, int N, int K, int k_chunks, int n_groups) {
-  static_assert(GROUP == 0 || (GROUP >= 16 && kChunkK % GROUP == 0), "GROUP must divide 256");
-  static_assert(kStepsPerChunk % MT == 0, "MT must divide the 16 steps of a chunk");
+  constexpr int kGroupK = GROUP == 0 ? kChunkK : GROUP;  // k per scale group inside a chunk
+  static_assert(kGroupK >= 32 && kChunkK % kGroupK == 0, "GROUP must be 0 or divide 256");
+  static_assert(kStepsPerChunk % (2 * MT) == 0, "MT must divide the 8 step pairs of a chunk");
   using Traits = DTypeTraits<T>;
   using Layout = CodeLayout<BITS>;
-  using pair_t = typename Traits::pair_t;
   constexpr int kCopies = Layout::kLutCopies;
-  constexpr int kGroupsPerChunk = GROUP == 0 ? 1 : kChunkK / GROUP;
+  constexpr int kGroupsPerChunk = kChunkK / kGroupK;
+  constexpr int kStepsPerGroup = kGroupK / 16;
   constexpr int kAccPerWarp = NT * MT * 4 * 32;            // (nt, mt, c register, lane)
   constexpr int kLutWords = Layout::kLutEntries * kCopies;
   constexpr int kPartialWords = WK > 1 ? WK * kAccPerWarp : 0;
 
   // The LUT while the K loop runs, then the warps' partial sums: one buffer serves both.
   __shared__ __align__(16) u32 smem[kLutWords > kPartialWords ? kLutWords : kPartialWords];
-  u32* lut_sh = smem;
   float* partial_sh = reinterpret_cast<float*>(smem);
 
-  for (int i = threadIdx.x; i < kLutWords; i += 32 * WK) lut_sh[i] = pair_lut[i / kCopies];
+  for (int i = threadIdx.x; i < kLutWords; i += 32 * WK) smem[i] = pair_lut[i / kCopies];
   __syncthreads();
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int gid = lane >> 2, tig = lane & 3;
-  const u32* lut = lut_sh + lane % kCopies;
+  const u32 lane_bytes = 4 * (lane % kCopies);
+  const char* lut = reinterpret_cast<const char*>(smem);
   const int n_tiles = (N + 15) / 16;
   // m blocks vary fastest, so the CTAs that read the same weight rows run together and the
   // second and later ones find the weight in L2.
   const int m0 = blockIdx.x * 8 * MT;
   const int tile0 = blockIdx.y * NT;
 
-  // B fragment rows: x[m0 + 8 mt + gid][k + 2 tig (+8)], zero for m >= M.
-  const T* x_lane[MT];
-  bool m_valid[MT];
+  // B fragments come from x[m0 + 8 mt + gid][32 j + 8 tig, +8). Rows past M read row M-1
+  // instead: their output columns are never stored.
+  const uint4* x_lane[MT];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
-    const int m = m0 + 8 * mt + gid;
-    m_valid[mt] = m < M;
-    x_lane[mt] = x + (m_valid[mt] ? (long long)m * x_row_stride : 0) + 2 * tig;
+    const int m = min(m0 + 8 * mt + gid, M - 1);
+    x_lane[mt] = reinterpret_cast<const uint4*>(x + (long long)m * x_row_stride + 8 * tig);
   }
 
   float acc[NT][MT][4];
@@ -160,37 +176,56 @@ lut_gemm(const T* __restrict__ x, long long x_row_stride,
     u32 w_next[NT][Layout::kWords], sw_next[NT][kGroupsPerChunk];
     if (c + WK < k_chunks) load_chunk(c + WK, w_next, sw_next);
 
-    // x fragments are loaded a batch of steps ahead of their mma: 32 registers whatever MT.
-    constexpr int kStepsPerBatch = kStepsPerChunk / MT;
+    // Unscaled sums of the current group; GROUP == 0 sums straight into acc.
+    float part[NT][MT][4];
+    // x is loaded a batch of step pairs ahead of its mma: 32 registers whatever MT.
+    constexpr int kPairsPerBatch = kStepsPerChunk / 2 / MT;
     const bool full_chunk = (c + 1) * kChunkK <= K;
 #pragma unroll
-    for (int s0 = 0; s0 < kStepsPerChunk; s0 += kStepsPerBatch) {
-      u32 b[kStepsPerBatch][MT][2];
+    for (int j0 = 0; j0 < kStepsPerChunk / 2; j0 += kPairsPerBatch) {
+      uint4 xv[kPairsPerBatch][MT];
 #pragma unroll
-      for (int i = 0; i < kStepsPerBatch; ++i) {
-        const int k = c * kChunkK + 16 * (s0 + i);
+      for (int i = 0; i < kPairsPerBatch; ++i) {
+        const int k = c * kChunkK + 32 * (j0 + i);
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          const u32* xp = reinterpret_cast<const u32*>(x_lane[mt] + k);
-          b[i][mt][0] = m_valid[mt] && (full_chunk || k + 2 * tig < K) ? __ldg(xp) : 0u;
-          b[i][mt][1] = m_valid[mt] && (full_chunk || k + 2 * tig + 8 < K) ? __ldg(xp + 4) : 0u;
-        }
+        for (int mt = 0; mt < MT; ++mt)
+          xv[i][mt] = full_chunk || k + 8 * tig < K ? __ldg(x_lane[mt] + k / 8)
+                                                    : make_uint4(0, 0, 0, 0);
       }
 #pragma unroll
-      for (int i = 0; i < kStepsPerBatch; ++i) {
-        const int s = s0 + i;
+      for (int i = 0; i < 2 * kPairsPerBatch; ++i) {
+        const int s = 2 * j0 + i;
+        if (GROUP != 0 && s % kStepsPerGroup == 0) {
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+              for (int r = 0; r < 4; ++r) part[nt][mt][r] = 0.f;
+        }
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
-          const u32 scale_word = sw[nt][GROUP == 0 ? 0 : 16 * s / GROUP];
-          const pair_t scale_lo = Traits::broadcast_low(scale_word);    // row gid
-          const pair_t scale_hi = Traits::broadcast_high(scale_word);   // row gid + 8
           u32 a[4];
 #pragma unroll
           for (int p = 0; p < 4; ++p)
-            a[p] = Traits::scale_pair(lut[Layout::field(w[nt], s, p) * kCopies],
-                                      p & 1 ? scale_hi : scale_lo);
+            a[p] = *reinterpret_cast<const u32*>(lut + Layout::lut_offset(w[nt], s, p, lane_bytes));
 #pragma unroll
-          for (int mt = 0; mt < MT; ++mt) Traits::mma(acc[nt][mt], a, b[i][mt][0], b[i][mt][1]);
+          for (int mt = 0; mt < MT; ++mt) {
+            const uint4& v = xv[i / 2][mt];
+            Traits::mma(GROUP == 0 ? acc[nt][mt] : part[nt][mt], a,
+                        i % 2 ? v.z : v.x, i % 2 ? v.w : v.y);
+          }
+        }
+        if (GROUP != 0 && s % kStepsPerGroup == kStepsPerGroup - 1) {
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            const float2 scale = Traits::scales_to_float2(sw[nt][s / kStepsPerGroup]);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+              for (int r = 0; r < 4; ++r)
+                acc[nt][mt][r] = fmaf(r < 2 ? scale.x : scale.y, part[nt][mt][r], acc[nt][mt][r]);
+          }
         }
       }
     }
@@ -201,6 +236,19 @@ lut_gemm(const T* __restrict__ x, long long x_row_stride,
       for (int i = 0; i < Layout::kWords; ++i) w[nt][i] = w_next[nt][i];
 #pragma unroll
       for (int j = 0; j < kGroupsPerChunk; ++j) sw[nt][j] = sw_next[nt][j];
+    }
+  }
+
+  if constexpr (GROUP == 0) {  // one scale per row, applied once at the end
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int tile = tile0 + nt;
+      const float2 scale = Traits::scales_to_float2(
+          tile < n_tiles ? __ldg(scales + (long long)tile * n_groups * 8 + gid) : 0u);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[nt][mt][r] *= r < 2 ? scale.x : scale.y;
     }
   }
 

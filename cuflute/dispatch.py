@@ -14,7 +14,7 @@ _PACKAGE = Path(__file__).resolve().parent
 _SMALL_M = TileConfig(nt=1, mt=1, wk=8)
 _SMALL_M_WIDE = TileConfig(nt=2, mt=1, wk=8)
 _MEDIUM_M = TileConfig(nt=1, mt=2, wk=8)
-_LARGE_M = TileConfig(nt=1, mt=4, wk=4)
+_LARGE_M = TileConfig(nt=2, mt=2, wk=4)
 
 
 def tuning_dir() -> Path:

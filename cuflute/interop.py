@@ -1,8 +1,8 @@
 """PyTorch and CuPy arrays in, the same kind out, without copies, on the caller's stream.
 
-The kernel needs a row-major [M, K] view whose rows start 4-byte aligned. Inputs that are
-already such a view (any contiguous tensor or array with even K, and row slices of one) are
-used in place; anything else (a transposed last dimension, leading dims that cannot be
+The kernel reads x 16 bytes at a time, so it needs a row-major [M, K] view whose rows start
+16-byte aligned. Inputs that are already such a view (any contiguous tensor or array, K being a
+multiple of 8, and slices of one at multiples of 8 elements) are used in place; anything else (a transposed last dimension, leading dims that cannot be
 flattened, a misaligned start) is copied once into a contiguous array by its own framework.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ def _is_cupy(x) -> bool:
 
 
 def _usable(ptr: int, row_stride: int, col_stride: int) -> bool:
-    return col_stride == 1 and ptr % 4 == 0 and row_stride % 2 == 0
+    return col_stride == 1 and ptr % 16 == 0 and row_stride % 8 == 0
 
 
 def as_device_matrix(x) -> DeviceMatrix:

@@ -55,9 +55,7 @@ TILE_CONFIGS = (
     TileConfig(nt=1, mt=1, wk=4),
     TileConfig(nt=1, mt=2, wk=4),
     TileConfig(nt=1, mt=2, wk=8),
-    TileConfig(nt=2, mt=2, wk=8),
-    TileConfig(nt=1, mt=4, wk=4),
-    TileConfig(nt=2, mt=4, wk=4),
+    TileConfig(nt=2, mt=2, wk=4),
 )
 
 

@@ -5,11 +5,15 @@ Layout (the same picture stands at the top of cuda_src/lut_gemm.cuh)::
     qweight  uint32 [n_tiles][k_chunks][bits][32 lanes][4]    n_tiles = ceil(N/16)
                                                               k_chunks = ceil(K/256)
       one (tile, chunk) is 16 rows x 256 k; a warp reads it with `bits` coalesced 16-byte loads
-      per lane. Lane = 4*gid + tig owns, in each of the chunk's 16 mma steps s (k16 each), four
-      pairs p of the m16n8k16 A fragment:
+      per lane. Lane = 4*gid + tig owns, in each of the chunk's 16 mma steps s, four pairs p of
+      the m16n8k16 A fragment. The k order inside a chunk is permuted (the mma sums over k, so
+      only x has to follow): step s covers k in [32 (s/2), +32), and lane tig's 8 codes of
+      steps 2j and 2j+1 are the 8 consecutive k that one 16-byte load of x brings it:
 
-        p=0: row gid,   k 2tig, 2tig+1        p=2: row gid,   k 2tig+8, 2tig+9
-        p=1: row gid+8, k 2tig, 2tig+1        p=3: row gid+8, k 2tig+8, 2tig+9
+        p=0: row gid,   k 32j + 8tig + 4(s%2) + {0, 1}      (j = s/2)
+        p=1: row gid+8, k 32j + 8tig + 4(s%2) + {0, 1}
+        p=2: row gid,   k 32j + 8tig + 4(s%2) + {2, 3}
+        p=3: row gid+8, k 32j + 8tig + 4(s%2) + {2, 3}
 
       Each pair (q0 at the even k, q1 at the odd k) becomes one field, and field i = 4s + p of a
       plane sits at bits [(i % per_word) * width, +width) of word i // per_word (per_word =
@@ -45,13 +49,15 @@ PAIRS = 4
 
 
 def _fragment_coordinates():
-    """(row in tile, k in step) of element e of pair p of each lane: two int arrays [32, 4, 2]."""
-    lane = np.arange(LANES)[:, None, None]
-    p = np.arange(PAIRS)[None, :, None]
-    e = np.arange(2)[None, None, :]
+    """(row in tile, k in chunk) of element e of pair p of each lane in each mma step s:
+    two int arrays [16 steps, 32 lanes, 4 pairs, 2 elements]."""
+    s = np.arange(STEPS_PER_CHUNK)[:, None, None, None]
+    lane = np.arange(LANES)[None, :, None, None]
+    p = np.arange(PAIRS)[None, None, :, None]
+    e = np.arange(2)[None, None, None, :]
     gid, tig = lane // 4, lane % 4
-    row = gid + 8 * (p & 1) + 0 * e
-    k = 2 * tig + 8 * (p >> 1) + e
+    row = gid + 8 * (p & 1) + 0 * (s + e)
+    k = 32 * (s // 2) + 8 * tig + 4 * (s % 2) + 2 * (p >> 1) + e
     return row, k
 
 
@@ -198,17 +204,17 @@ def pack(qw: QuantizedWeight, dtype: str = "float16") -> PackedWeight:
     dtype = dtypes.check_dtype(dtype)
     bits, codes = qw.bits, np.asarray(qw.codes)
     n, k = codes.shape
-    if k % 2:
-        raise ValueError(f"K must be even (x is read in pairs), got K = {k}")
+    if k % 8:
+        raise ValueError(f"K must be a multiple of 8 (x is read 16 bytes at a time), got K = {k}")
     if codes.max(initial=0) >= 2**bits:
         raise ValueError(f"codes must be < 2**bits = {2**bits}, got {codes.max()}")
     n_tiles, k_chunks = -(-n // TILE_N), -(-k // CHUNK_K)
     padded = np.zeros((n_tiles * TILE_N, k_chunks * CHUNK_K), dtype=np.uint32)
     padded[:n, :k] = codes
 
-    # [tile, row, chunk, step, k] -> [tile, chunk, step, lane, pair, element]
-    blocks = padded.reshape(n_tiles, TILE_N, k_chunks, STEPS_PER_CHUNK, 16).transpose(0, 2, 3, 1, 4)
-    frag = blocks[:, :, :, FRAGMENT_ROW, FRAGMENT_K]
+    # [tile, row, chunk, k] -> [tile, chunk, step, lane, pair, element]
+    blocks = padded.reshape(n_tiles, TILE_N, k_chunks, CHUNK_K).transpose(0, 2, 1, 3)
+    frag = blocks[:, :, FRAGMENT_ROW, FRAGMENT_K]
     fields = plane_fields(frag[..., 0], frag[..., 1], bits)
     words = []
     for f, width in zip(fields, PLANE_WIDTHS[bits]):

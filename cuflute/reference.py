@@ -32,9 +32,9 @@ from .packing import (
 def _scatter_to_matrix(per_pair: np.ndarray, packed: PackedWeight) -> np.ndarray:
     """[tile, chunk, step, lane, pair, element] -> [N, K], cropping the padding."""
     n_tiles, k_chunks = packed.n_tiles, packed.k_chunks
-    blocks = np.empty((n_tiles, k_chunks, STEPS_PER_CHUNK, TILE_N, 16), dtype=per_pair.dtype)
-    blocks[:, :, :, FRAGMENT_ROW, FRAGMENT_K] = per_pair
-    full = blocks.transpose(0, 3, 1, 2, 4).reshape(n_tiles * TILE_N, k_chunks * CHUNK_K)
+    blocks = np.empty((n_tiles, k_chunks, TILE_N, CHUNK_K), dtype=per_pair.dtype)
+    blocks[:, :, FRAGMENT_ROW, FRAGMENT_K] = per_pair
+    full = blocks.transpose(0, 2, 1, 3).reshape(n_tiles * TILE_N, k_chunks * CHUNK_K)
     return full[: packed.n, : packed.k]
 
 
@@ -66,7 +66,8 @@ def unpack_scales(packed: PackedWeight) -> np.ndarray:
 
 
 def dequantize(packed: PackedWeight) -> np.ndarray:
-    """float64 [N, K]: ``round_dtype(T[q] * S)`` from the pair LUT and scales, as the kernel forms it."""
+    """float64 [N, K]: ``T[q] * S`` with T from the pair LUT and S from the scales, both as the
+    dtype holds them. The kernel multiplies exactly these and rounds only its fp32 sums."""
     p = packed.to_host()
     f = lut_fields(p)
     lut = p.pair_lut
@@ -75,7 +76,7 @@ def dequantize(packed: PackedWeight) -> np.ndarray:
     scales = unpack_scales(p)
     group = p.kernel_group
     per_k = np.zeros(p.k, dtype=np.int64) if group == 0 else np.arange(p.k) // group
-    return dtypes.round_to(values * scales[:, per_k], p.dtype)
+    return values * scales[:, per_k]
 
 
 def qgemm(x, packed: PackedWeight) -> np.ndarray:

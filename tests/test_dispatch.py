@@ -28,13 +28,13 @@ def test_kernel_spec_validation():
 
 
 def test_name_expression_and_count():
-    spec = KernelSpec(3, 0, "bfloat16", TileConfig(2, 4, 4))
-    assert spec.name_expression == "cuflute::lut_gemm<3, 0, __nv_bfloat16, 2, 4, 4>"
+    spec = KernelSpec(3, 0, "bfloat16", TileConfig(2, 2, 4))
+    assert spec.name_expression == "cuflute::lut_gemm<3, 0, __nv_bfloat16, 2, 2, 4>"
     assert len(all_specs()) == 3 * 5 * 2 * len(TILE_CONFIGS)
 
 
 def test_parse_tile_config():
-    assert parse_tile_config("nt2_mt4_wk4") == TileConfig(2, 4, 4)
+    assert parse_tile_config("nt2_mt2_wk4") == TileConfig(2, 2, 4)
     with pytest.raises(ValueError, match="tile config must be one of"):
         parse_tile_config("nt3_mt3_wk3")
     with pytest.raises(ValueError, match="tile config must be one of"):
@@ -49,13 +49,13 @@ def test_tuned_table_overrides_the_heuristic(tmp_path, monkeypatch):
     (tmp_path / "test-gpu.yaml").write_text(
         "gpu: Test GPU\nentries:\n"
         "- {bits: 4, group: 128, dtype: float16, n: 4096, k: 4096, m: 4, config: nt2_mt1_wk8, us: 1.0}\n"
-        "- {bits: 4, group: 128, dtype: float16, n: 4096, k: 4096, m: 32, config: nt2_mt4_wk4, us: 2.0}\n")
+        "- {bits: 4, group: 128, dtype: float16, n: 4096, k: 4096, m: 32, config: nt2_mt2_wk4, us: 2.0}\n")
     monkeypatch.setenv("CUFLUTE_TUNING_DIR", str(tmp_path))
     dispatch.tuned_table.cache_clear()
     try:
         pick = lambda m, n=4096: select_config(m, n, 4096, 4, 128, "float16", gpu_name="Test GPU")
         assert pick(1) == pick(4) == TileConfig(2, 1, 8)  # smallest bucket at or above m
-        assert pick(5) == pick(32) == pick(1000) == TileConfig(2, 4, 4)  # largest past the end
+        assert pick(5) == pick(32) == pick(1000) == TileConfig(2, 2, 4)  # largest past the end
         assert pick(1, n=8192) == heuristic_config(1, 8192, 132)  # untuned shape: heuristic
         assert select_config(1, 4096, 4096, 4, 128, "float16", gpu_name="Other GPU") == \
             heuristic_config(1, 4096, 132)

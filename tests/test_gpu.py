@@ -66,14 +66,15 @@ def test_kernel_matches_reference(bits, group_size, dtype, n, k):
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_one_hot_rows_read_back_weight_columns_exactly(bits, dtype):
-    """x = rows of the identity: y[i] must equal dequantized column k_i bit for bit."""
+    """x = rows of the identity: y[i] must be dequantized column k_i rounded once, bit for bit
+    (the fp32 product of two half values is exact, so only the output's rounding remains)."""
     n, k = 200, 768
     packed, w64 = _weight(n, k, bits, 64, dtype)
     cols = np.random.default_rng(bits).permutation(k)[:37]
     x64 = np.zeros((len(cols), k))
     x64[np.arange(len(cols)), cols] = 1.0
     y = cuflute.qgemm(_to_torch(x64, dtype), packed).double().cpu().numpy()
-    np.testing.assert_array_equal(y, w64[:, cols].T, err_msg=f"{bits=} {dtype}")
+    np.testing.assert_array_equal(y, dtypes.round_to(w64[:, cols].T, dtype), err_msg=f"{bits=} {dtype}")
 
 
 def test_cupy_in_cupy_out():
@@ -94,11 +95,12 @@ def test_batch_dims_views_and_empty():
     assert y.shape == (2, 3, 5, 200)
     ref = x64 @ w64.T
     assert _rel_error(y.reshape(30, 200).double().cpu().numpy(), ref) < 1e-3
-    # a row slice with a stride is read in place; a transposed copy goes through .contiguous()
+    # an aligned column slice is read in place, a misaligned one and a transposed view are copied
     wide = _to_torch(_random_x(30, 1024, "float16", seed=3), "float16")
-    wide[:, 100:868] = x
-    y2 = cuflute.qgemm(wide[:, 100:868], packed).double().cpu().numpy()
-    assert _rel_error(y2, ref) < 1e-3
+    for start in (96, 100):
+        wide[:, start:start + 768] = x
+        y2 = cuflute.qgemm(wide[:, start:start + 768], packed).double().cpu().numpy()
+        assert _rel_error(y2, ref) < 1e-3, start
     y3 = cuflute.qgemm(x.t().contiguous().t(), packed).double().cpu().numpy()
     assert _rel_error(y3, ref) < 1e-3
     empty = cuflute.qgemm(x[:0], packed)
