@@ -16,6 +16,15 @@
 //   MT     8-column m tiles per CTA (blockIdx.x steps M by 8 * MT, blockIdx.y N by 16 * NT)
 //   WK     warps per CTA; they split the K chunks of the CTA's rows and are summed in shared memory
 //
+// Each warp streams its chunks through a private kStages-deep cp.async pipeline in shared memory
+// (every lane copies, then reads back, only its own bytes: no barrier needed), so kStages - 1
+// chunks are in flight while one is computed.
+//
+// Dynamic shared memory (cuflute.kernels.shared_bytes computes the same):
+//   [pair LUT x 32 copies][kStages][WK warps][NT * BITS code vectors][32 lanes] uint4
+//                                            [NT * groups per chunk][32 lanes]  u32
+//   and, once the K loop is over, the warps' partial sums from the start.
+//
 // Packed layout (produced by cuflute.packing.pack, inverted by cuflute.reference.unpack_codes)
 //
 //   qweight: uint4 [n_tiles][k_chunks][BITS][32 lanes]     n_tiles = ceil(N/16), k_chunks = ceil(K/256)
@@ -84,12 +93,39 @@ template <int BITS> struct CodeLayout {
   }
 };
 
-// Weights are read once: keep them out of L1, which holds the x rows that CTAs share.
-__device__ __forceinline__ uint4 load_streaming(const uint4* p) {
-  uint4 v;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-  return v;
+constexpr int kStages = 4;
+
+template <int BITS, int GROUP, int NT, int MT, int WK> struct SharedLayout {
+  static constexpr int kGroupK = GROUP == 0 ? kChunkK : GROUP;  // k per scale group in a chunk
+  static constexpr int kGroupsPerChunk = kChunkK / kGroupK;
+  static constexpr int kLutBytes = CodeLayout<BITS>::kLutEntries * CodeLayout<BITS>::kLutCopies * 4;
+  static constexpr int kCodeVectors = NT * BITS;                  // uint4 per lane per stage
+  static constexpr int kScaleWords = NT * kGroupsPerChunk;        // u32 per lane per stage
+  static constexpr int kWarpStageBytes = 32 * (16 * kCodeVectors + 4 * kScaleWords);
+  static constexpr int kPipelineBytes = kLutBytes + kStages * WK * kWarpStageBytes;
+  static constexpr int kPartialBytes = WK > 1 ? WK * NT * MT * 4 * 32 * 4 : 0;
+  static constexpr int kBytes = kPipelineBytes > kPartialBytes ? kPipelineBytes : kPartialBytes;
+};
+
+__device__ __forceinline__ u32 shared_address(const void* p) {
+  return static_cast<u32>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared, bypassing L1 (weights are read once); zero-filled when !valid.
+__device__ __forceinline__ void copy_async_16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+               :: "r"(shared_address(dst)), "l"(src), "r"(valid ? 16 : 0));
+}
+
+__device__ __forceinline__ void copy_async_4(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n"
+               :: "r"(shared_address(dst)), "l"(src), "r"(valid ? 4 : 0));
+}
+
+__device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;\n"); }
+
+template <int N> __device__ __forceinline__ void copy_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" :: "n"(N));
 }
 
 template <int BITS, int GROUP, typename T, int NT, int MT, int WK>
@@ -100,23 +136,24 @@ lut_gemm(const T* __restrict__ x, long long x_row_stride,
          const uint4* __restrict__ qweight, const u32* __restrict__ scales,
          const u32* __restrict__ pair_lut, T* __restrict__ y,
          int M, int N, int K, int k_chunks, int n_groups) {
-  constexpr int kGroupK = GROUP == 0 ? kChunkK : GROUP;  // k per scale group inside a chunk
-  static_assert(kGroupK >= 32 && kChunkK % kGroupK == 0, "GROUP must be 0 or divide 256");
+  using Smem = SharedLayout<BITS, GROUP, NT, MT, WK>;
+  static_assert(Smem::kGroupK >= 32 && kChunkK % Smem::kGroupK == 0, "GROUP must be 0 or divide 256");
   static_assert(kStepsPerChunk % (2 * MT) == 0, "MT must divide the 8 step pairs of a chunk");
   using Traits = DTypeTraits<T>;
   using Layout = CodeLayout<BITS>;
   constexpr int kCopies = Layout::kLutCopies;
-  constexpr int kGroupsPerChunk = kChunkK / kGroupK;
-  constexpr int kStepsPerGroup = kGroupK / 16;
+  constexpr int kGroupsPerChunk = Smem::kGroupsPerChunk;
+  constexpr int kStepsPerGroup = Smem::kGroupK / 16;
   constexpr int kAccPerWarp = NT * MT * 4 * 32;            // (nt, mt, c register, lane)
-  constexpr int kLutWords = Layout::kLutEntries * kCopies;
-  constexpr int kPartialWords = WK > 1 ? WK * kAccPerWarp : 0;
 
-  // The LUT while the K loop runs, then the warps' partial sums: one buffer serves both.
-  __shared__ __align__(16) u32 smem[kLutWords > kPartialWords ? kLutWords : kPartialWords];
-  float* partial_sh = reinterpret_cast<float*>(smem);
+  extern __shared__ __align__(16) unsigned char smem[];
+  u32 dynamic_bytes;
+  asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dynamic_bytes));
+  if (dynamic_bytes < Smem::kBytes) __trap();  // launched with less than cuflute.kernels.shared_bytes
 
-  for (int i = threadIdx.x; i < kLutWords; i += 32 * WK) smem[i] = pair_lut[i / kCopies];
+  u32* lut_words = reinterpret_cast<u32*>(smem);
+  for (int i = threadIdx.x; i < Layout::kLutEntries * kCopies; i += 32 * WK)
+    lut_words[i] = pair_lut[i / kCopies];
   __syncthreads();
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -146,35 +183,61 @@ lut_gemm(const T* __restrict__ x, long long x_row_stride,
 #pragma unroll
       for (int r = 0; r < 4; ++r) acc[nt][mt][r] = 0.f;
 
-  // One chunk's codes and scale words for this lane, zero for tiles past N.
-  u32 w[NT][Layout::kWords], sw[NT][kGroupsPerChunk];
-  auto load_chunk = [&](int c, u32 (&w_)[NT][Layout::kWords], u32 (&sw_)[NT][kGroupsPerChunk]) {
+  // This warp's chunks are warp, warp + WK, ...; its i-th goes through stage i % kStages.
+  unsigned char* warp_stages = smem + Smem::kLutBytes + warp * Smem::kWarpStageBytes;
+  auto stage_codes = [&](int i) {
+    return reinterpret_cast<uint4*>(warp_stages + (i % kStages) * WK * Smem::kWarpStageBytes) + lane;
+  };
+  auto stage_scales = [&](int i) {
+    return reinterpret_cast<u32*>(stage_codes(i) - lane + 32 * Smem::kCodeVectors) + lane;
+  };
+  const int my_chunks = warp < k_chunks ? (k_chunks - warp + WK - 1) / WK : 0;
+  auto issue = [&](int i) {
+    if (i < my_chunks) {
+      const int c = warp + i * WK;
+      uint4* codes_dst = stage_codes(i);
+      u32* scales_dst = stage_scales(i);
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      const int tile = tile0 + nt;
-      const bool tile_valid = tile < n_tiles;
-      const uint4* src = qweight + ((long long)tile * k_chunks + c) * BITS * 32 + lane;
+      for (int nt = 0; nt < NT; ++nt) {
+        const int tile = min(tile0 + nt, n_tiles - 1);
+        const bool valid = tile0 + nt < n_tiles;
+        const uint4* src = qweight + ((long long)tile * k_chunks + c) * BITS * 32 + lane;
 #pragma unroll
-      for (int v = 0; v < BITS; ++v) {
-        const uint4 q = tile_valid ? load_streaming(src + 32 * v) : make_uint4(0, 0, 0, 0);
-        w_[nt][4 * v + 0] = q.x;
-        w_[nt][4 * v + 1] = q.y;
-        w_[nt][4 * v + 2] = q.z;
-        w_[nt][4 * v + 3] = q.w;
-      }
+        for (int v = 0; v < BITS; ++v) copy_async_16(codes_dst + 32 * (nt * BITS + v), src + 32 * v, valid);
 #pragma unroll
-      for (int j = 0; j < kGroupsPerChunk; ++j) {
-        const int group = GROUP == 0 ? 0 : c * kGroupsPerChunk + j;
-        sw_[nt][j] = tile_valid ? __ldg(scales + ((long long)tile * n_groups + group) * 8 + gid) : 0u;
+        for (int j = 0; j < kGroupsPerChunk; ++j) {
+          const int group = GROUP == 0 ? 0 : c * kGroupsPerChunk + j;
+          copy_async_4(scales_dst + 32 * (nt * kGroupsPerChunk + j),
+                       scales + ((long long)tile * n_groups + group) * 8 + gid, valid);
+        }
       }
     }
+    copy_async_commit();  // empty groups too, so that wait_group counts chunks
   };
 
-  // Register double buffering: the next chunk's weights are in flight while this one computes.
-  if (warp < k_chunks) load_chunk(warp, w, sw);
-  for (int c = warp; c < k_chunks; c += WK) {
-    u32 w_next[NT][Layout::kWords], sw_next[NT][kGroupsPerChunk];
-    if (c + WK < k_chunks) load_chunk(c + WK, w_next, sw_next);
+#pragma unroll
+  for (int i = 0; i < kStages - 1; ++i) issue(i);
+  for (int i = 0; i < my_chunks; ++i) {
+    // Stage (i - 1) % kStages was read into registers and used by the last iteration's mma.
+    issue(i + kStages - 1);
+    copy_async_wait<kStages - 1>();
+    const int c = warp + i * WK;
+    u32 w[NT][Layout::kWords], sw[NT][kGroupsPerChunk];
+    const uint4* codes_src = stage_codes(i);
+    const u32* scales_src = stage_scales(i);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int v = 0; v < BITS; ++v) {
+        const uint4 q = codes_src[32 * (nt * BITS + v)];
+        w[nt][4 * v + 0] = q.x;
+        w[nt][4 * v + 1] = q.y;
+        w[nt][4 * v + 2] = q.z;
+        w[nt][4 * v + 3] = q.w;
+      }
+#pragma unroll
+      for (int j = 0; j < kGroupsPerChunk; ++j) sw[nt][j] = scales_src[32 * (nt * kGroupsPerChunk + j)];
+    }
 
     // Unscaled sums of the current group; GROUP == 0 sums straight into acc.
     float part[NT][MT][4];
@@ -185,16 +248,16 @@ lut_gemm(const T* __restrict__ x, long long x_row_stride,
     for (int j0 = 0; j0 < kStepsPerChunk / 2; j0 += kPairsPerBatch) {
       uint4 xv[kPairsPerBatch][MT];
 #pragma unroll
-      for (int i = 0; i < kPairsPerBatch; ++i) {
-        const int k = c * kChunkK + 32 * (j0 + i);
+      for (int b = 0; b < kPairsPerBatch; ++b) {
+        const int k = c * kChunkK + 32 * (j0 + b);
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
-          xv[i][mt] = full_chunk || k + 8 * tig < K ? __ldg(x_lane[mt] + k / 8)
+          xv[b][mt] = full_chunk || k + 8 * tig < K ? __ldg(x_lane[mt] + k / 8)
                                                     : make_uint4(0, 0, 0, 0);
       }
 #pragma unroll
-      for (int i = 0; i < 2 * kPairsPerBatch; ++i) {
-        const int s = 2 * j0 + i;
+      for (int b = 0; b < 2 * kPairsPerBatch; ++b) {
+        const int s = 2 * j0 + b;
         if (GROUP != 0 && s % kStepsPerGroup == 0) {
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt)
@@ -211,9 +274,9 @@ lut_gemm(const T* __restrict__ x, long long x_row_stride,
             a[p] = *reinterpret_cast<const u32*>(lut + Layout::lut_offset(w[nt], s, p, lane_bytes));
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt) {
-            const uint4& v = xv[i / 2][mt];
+            const uint4& v = xv[b / 2][mt];
             Traits::mma(GROUP == 0 ? acc[nt][mt] : part[nt][mt], a,
-                        i % 2 ? v.z : v.x, i % 2 ? v.w : v.y);
+                        b % 2 ? v.z : v.x, b % 2 ? v.w : v.y);
           }
         }
         if (GROUP != 0 && s % kStepsPerGroup == kStepsPerGroup - 1) {
@@ -229,15 +292,8 @@ lut_gemm(const T* __restrict__ x, long long x_row_stride,
         }
       }
     }
-
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-      for (int i = 0; i < Layout::kWords; ++i) w[nt][i] = w_next[nt][i];
-#pragma unroll
-      for (int j = 0; j < kGroupsPerChunk; ++j) sw[nt][j] = sw_next[nt][j];
-    }
   }
+  copy_async_wait<0>();  // only empty groups are left, but none may land on reused memory
 
   if constexpr (GROUP == 0) {  // one scale per row, applied once at the end
 #pragma unroll
@@ -267,6 +323,7 @@ lut_gemm(const T* __restrict__ x, long long x_row_stride,
 #pragma unroll
         for (int r = 0; r < 4; ++r) store(acc[nt][mt][r], nt, mt, r, lane);
   } else {
+    float* partial_sh = reinterpret_cast<float*>(smem);
     __syncthreads();  // every warp is past its last LUT read before the buffer is reused
     float* mine = partial_sh + warp * kAccPerWarp;
 #pragma unroll

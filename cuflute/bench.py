@@ -544,7 +544,8 @@ def package_versions() -> dict:
         bnb_version = bitsandbytes.__version__
     except Exception:  # as in importable_peers
         bnb_version = None
-    return {"cuflute": __version__, "torch": torch.__version__, "cuda": torch.version.cuda,
+    # str(): torch's version is a str subclass that YAML and JSON writers may not know
+    return {"cuflute": __version__, "torch": str(torch.__version__), "cuda": torch.version.cuda,
             "cupy": cupy.__version__, "bitsandbytes": bnb_version}
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from .kernels import TileConfig, parse_tile_config
+from .kernels import TILE_CONFIGS, KernelSpec, TileConfig, parse_tile_config
 
 _PACKAGE = Path(__file__).resolve().parent
 _SMALL_M = TileConfig(nt=1, mt=1, wk=8)
@@ -62,13 +62,20 @@ def heuristic_config(m: int, n: int, sm_count: int) -> TileConfig:
 
 
 def select_config(m: int, n: int, k: int, bits: int, group: int, dtype: str,
-                  sm_count: int = 132, gpu_name: str | None = None) -> TileConfig:
+                  sm_count: int = 132, gpu_name: str | None = None,
+                  max_shared_bytes: int | None = None) -> TileConfig:
     """The tile config for y[m, n] = x[m, k] @ W'^T.
 
     A tuned table for ``gpu_name`` answers for the shapes it holds, with the smallest tuned
-    m bucket at or above m (the largest past the end); anything else takes the heuristic.
+    m bucket at or above m (the largest past the end); anything else takes the heuristic. A
+    choice whose shared memory exceeds ``max_shared_bytes`` (smaller on sm_86/sm_89 than on
+    sm_80/sm_90) gives way to the config of fewest warps, which fits every target.
     """
     rows = tuned_table(gpu_name).get(table_key(bits, group, dtype, n, k)) if gpu_name else None
     if rows:
-        return next((config for bucket, config in rows if bucket >= m), rows[-1][1])
-    return heuristic_config(m, n, sm_count)
+        config = next((config for bucket, config in rows if bucket >= m), rows[-1][1])
+    else:
+        config = heuristic_config(m, n, sm_count)
+    if max_shared_bytes is None or KernelSpec(bits, group, dtype, config).shared_bytes <= max_shared_bytes:
+        return config
+    return min(TILE_CONFIGS, key=lambda c: (KernelSpec(bits, group, dtype, c).shared_bytes, -c.mt * c.nt))

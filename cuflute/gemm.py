@@ -25,18 +25,14 @@ def gpu_available() -> bool:
 
 
 @lru_cache(maxsize=None)
-def _device_properties(device: int) -> dict:
+def device_properties(device: int) -> dict:
     import cupy
 
     return cupy.cuda.runtime.getDeviceProperties(device)
 
 
-def sm_count(device: int) -> int:
-    return _device_properties(device)["multiProcessorCount"]
-
-
 def device_name(device: int) -> str:
-    name = _device_properties(device)["name"]
+    name = device_properties(device)["name"]
     return name.decode() if isinstance(name, bytes) else name
 
 
@@ -68,12 +64,18 @@ def qgemm(x, packed: PackedWeight, out=None, config: TileConfig | None = None):
     if mat.m == 0 or packed.n == 0:
         return out
 
-    tile = config or select_config(mat.m, packed.n, packed.k, packed.bits, packed.kernel_group,
-                                   packed.dtype, sm_count(mat.device), device_name(mat.device))
+    props = device_properties(mat.device)
+    tile = config or select_config(
+        mat.m, packed.n, packed.k, packed.bits, packed.kernel_group, packed.dtype,
+        props["multiProcessorCount"], device_name(mat.device), props["sharedMemPerBlockOptin"])
     grid = (-(-mat.m // tile.block_m), -(-packed.n_tiles // tile.nt), 1)
     if grid[1] > _MAX_GRID_Y:
         raise ValueError(f"N = {packed.n} needs {grid[1]} CTA rows, more than CUDA's {_MAX_GRID_Y}")
-    kernel = get_kernel(KernelSpec(packed.bits, packed.kernel_group, packed.dtype, tile), mat.device)
+    spec = KernelSpec(packed.bits, packed.kernel_group, packed.dtype, tile)
+    if spec.shared_bytes > props["sharedMemPerBlockOptin"]:
+        raise ValueError(f"tile config {tile} needs {spec.shared_bytes} bytes of shared memory, "
+                         f"cuda:{mat.device} allows {props['sharedMemPerBlockOptin']}")
+    kernel = get_kernel(spec, mat.device)
     args = (
         np.uint64(mat.ptr), np.int64(mat.row_stride),
         packed.qweight, packed.scales, packed.pair_lut, np.uint64(out_ptr),
@@ -83,5 +85,6 @@ def qgemm(x, packed: PackedWeight, out=None, config: TileConfig | None = None):
     import cupy
 
     with cupy.cuda.Device(mat.device):
-        kernel(grid, (tile.threads, 1, 1), args, stream=interop.launch_stream(mat))
+        kernel(grid, (tile.threads, 1, 1), args, shared_mem=spec.shared_bytes,
+               stream=interop.launch_stream(mat))
     return out

@@ -16,11 +16,15 @@ from pathlib import Path
 
 from .dtypes import DTYPES
 from .formats import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+from .packing import CHUNK_K
 
 _PACKAGE = Path(__file__).resolve().parent
 CUDA_SRC = next(p for p in (_PACKAGE / "cuda_src", _PACKAGE.parent / "cuda_src") if p.is_dir())
 KERNEL_GROUPS = SUPPORTED_GROUP_SIZES + (0,)  # 0: one group per row
 TARGET_ARCHS = (80, 86, 89, 90)
+# Constants of cuda_src/lut_gemm.cuh that set its shared memory.
+LUT_COPIES = 32
+PIPELINE_STAGES = 4
 _CXX_TYPE = {"float16": "__half", "bfloat16": "__nv_bfloat16"}
 
 
@@ -86,6 +90,16 @@ class KernelSpec:
                 raise ValueError(f"kernel {name} must be one of {allowed}, got {value!r}")
 
     @property
+    def shared_bytes(self) -> int:
+        """Dynamic shared memory of a CTA: cuda_src/lut_gemm.cuh's SharedLayout::kBytes."""
+        t = self.tile
+        lut = 4**self.bits * LUT_COPIES * 4
+        groups_per_chunk = 1 if self.group == 0 else CHUNK_K // self.group
+        warp_stage = 32 * (16 * t.nt * self.bits + 4 * t.nt * groups_per_chunk)
+        partial = t.wk * t.nt * t.mt * 4 * 32 * 4 if t.wk > 1 else 0
+        return max(lut + PIPELINE_STAGES * t.wk * warp_stage, partial)
+
+    @property
     def name_expression(self) -> str:
         t = self.tile
         return (f"cuflute::lut_gemm<{self.bits}, {self.group}, {_CXX_TYPE[self.dtype]}, "
@@ -117,11 +131,15 @@ def compile_options() -> tuple[str, ...]:
 @lru_cache(maxsize=None)
 def _kernel(spec: KernelSpec, device: int):
     import cupy
+    from cupy.cuda import driver
 
     with cupy.cuda.Device(device):
         module = cupy.RawModule(code=source(), options=compile_options(),
                                 name_expressions=[spec.name_expression])
-        return module.get_function(spec.name_expression).kernel
+        function = module.get_function(spec.name_expression).kernel
+        driver.funcSetAttribute(function.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                spec.shared_bytes)
+        return function
 
 
 def get_kernel(spec: KernelSpec, device: int):

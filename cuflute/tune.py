@@ -27,8 +27,8 @@ from . import bench, reference
 from .dispatch import gpu_slug, heuristic_config, tuning_dir
 from .dtypes import DTYPES
 from .formats import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
-from .gemm import qgemm
-from .kernels import TILE_CONFIGS, TileConfig, parse_tile_config
+from .gemm import device_properties, qgemm
+from .kernels import TILE_CONFIGS, KernelSpec, TileConfig, parse_tile_config
 from .packing import TILE_N, random_packed
 
 CHECK_TILES = 4  # row tiles of each weight compared with the NumPy reference
@@ -79,7 +79,7 @@ def _rel_error(y: np.ndarray, ref: np.ndarray) -> float:
 
 
 def tune_problem(n, k, bits, group_size, dtype, sweep: Sweep, rotate_bytes, replays, bar,
-                 sm_count: int) -> list[dict]:
+                 sm_count: int, max_shared_bytes: int) -> list[dict]:
     """The winning config of each M bucket for one weight shape; failures are errors."""
     import torch
 
@@ -91,12 +91,15 @@ def tune_problem(n, k, bits, group_size, dtype, sweep: Sweep, rotate_bytes, repl
     tiles = rng.choice(n // TILE_N, size=min(CHECK_TILES, n // TILE_N), replace=False)
     rows = (tiles[:, None] * TILE_N + np.arange(TILE_N)).ravel()
     sample = weights[0].take_tiles(tiles)
+    group_arg = 0 if group is None else group
+    fitting = [c for c in sweep.candidates
+               if KernelSpec(bits, group_arg, dtype, c).shared_bytes <= max_shared_bytes]
     entries = []
     for m in sweep.m_buckets:
         x = torch.randn(m, k, dtype=getattr(torch, dtype), device="cuda")
         ref = reference.qgemm(x.double().cpu().numpy(), sample)
         times = {}
-        for config in sweep.candidates:
+        for config in fitting:
             bar.set_description(f"{n}x{k} {bits}-bit M={m} {config}")
             y = qgemm(x, weights[0], config=config)[:, torch.as_tensor(rows, device="cuda")]
             err = _rel_error(y.double().cpu().numpy(), ref)
@@ -105,10 +108,10 @@ def tune_problem(n, k, bits, group_size, dtype, sweep: Sweep, rotate_bytes, repl
                                    f"{dtype} {m=}: relative error {err:.2e}")
             calls = [partial(qgemm, x, w, out=x.new_empty(m, n), config=config) for w in weights]
             times[config] = bench.time_graph_us(calls, replays)
-            bar.update()
+        bar.update(len(sweep.candidates))
         best = min(times, key=times.get)
         heuristic_us = times.get(heuristic_config(m, n, sm_count))
-        entries.append({"bits": bits, "group": 0 if group is None else group, "dtype": dtype,
+        entries.append({"bits": bits, "group": group_arg, "dtype": dtype,
                         "n": n, "k": k, "m": m, "config": str(best), "us": round(times[best], 2),
                         "heuristic_us": None if heuristic_us is None else round(heuristic_us, 2)})
     del weights
@@ -126,7 +129,8 @@ def run_sweep(sweep: Sweep, rotate_bytes: int | None, replays: int) -> dict:
     bar = bench.progress_bar(len(problems) * len(sweep.m_buckets) * len(sweep.candidates))
     entries = []
     for problem in problems:
-        entries += tune_problem(*problem, sweep, rotate, replays, bar, props.multi_processor_count)
+        entries += tune_problem(*problem, sweep, rotate, replays, bar, props.multi_processor_count,
+                                device_properties(torch.cuda.current_device())["sharedMemPerBlockOptin"])
     bar.close()
     return {"gpu": props.name, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
             "sweep": sweep.name, "versions": bench.package_versions(),

@@ -61,3 +61,15 @@ def test_tuned_table_overrides_the_heuristic(tmp_path, monkeypatch):
             heuristic_config(1, 4096, 132)
     finally:
         dispatch.tuned_table.cache_clear()
+
+
+def test_shared_memory_limit_picks_a_config_that_fits():
+    big = select_config(1, 4096, 4096, 4, 128, "float16")
+    need = KernelSpec(4, 128, "float16", big).shared_bytes
+    small = select_config(1, 4096, 4096, 4, 128, "float16", max_shared_bytes=need - 1)
+    assert KernelSpec(4, 128, "float16", small).shared_bytes < need
+    # every bits/group fits sm_86/sm_89's 99 KiB opt-in limit with the fallback
+    for bits in (2, 3, 4):
+        for group in (32, 64, 128, 256, 0):
+            tile = select_config(1, 4096, 4096, bits, group, "float16", max_shared_bytes=101376)
+            assert KernelSpec(bits, group, "float16", tile).shared_bytes <= 101376, (bits, group)
