@@ -138,7 +138,7 @@ lut_gemm(const T* __restrict__ x, long long x_row_stride,
          int M, int N, int K, int k_chunks, int n_groups) {
   using Smem = SharedLayout<BITS, GROUP, NT, MT, WK>;
   static_assert(Smem::kGroupK >= 32 && kChunkK % Smem::kGroupK == 0, "GROUP must be 0 or divide 256");
-  static_assert(kStepsPerChunk % (2 * MT) == 0, "MT must divide the 8 step pairs of a chunk");
+  static_assert(MT == 1 || MT == 2 || MT == 4, "MT must be 1, 2 or 4");
   using Traits = DTypeTraits<T>;
   using Layout = CodeLayout<BITS>;
   constexpr int kCopies = Layout::kLutCopies;
@@ -150,11 +150,6 @@ lut_gemm(const T* __restrict__ x, long long x_row_stride,
   u32 dynamic_bytes;
   asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dynamic_bytes));
   if (dynamic_bytes < Smem::kBytes) __trap();  // launched with less than cuflute.kernels.shared_bytes
-
-  u32* lut_words = reinterpret_cast<u32*>(smem);
-  for (int i = threadIdx.x; i < Layout::kLutEntries * kCopies; i += 32 * WK)
-    lut_words[i] = pair_lut[i / kCopies];
-  __syncthreads();
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int gid = lane >> 2, tig = lane & 3;
@@ -215,13 +210,37 @@ lut_gemm(const T* __restrict__ x, long long x_row_stride,
     copy_async_commit();  // empty groups too, so that wait_group counts chunks
   };
 
+  // x for batch `batch` of this warp's i-th chunk: kPairsPerBatch step pairs, MT row tiles,
+  // 16 registers (two batches live at once: the one in use and the one in flight).
+  constexpr int kPairsPerBatch = 4 / MT;
+  constexpr int kBatches = kStepsPerChunk / 2 / kPairsPerBatch;
+  auto load_x = [&](int i, int batch, uint4 (&xv_)[kPairsPerBatch][MT]) {
+    const int c = warp + i * WK;
+    const bool full_chunk = (c + 1) * kChunkK <= K;
+#pragma unroll
+    for (int b = 0; b < kPairsPerBatch; ++b) {
+      const int k = c * kChunkK + 32 * (batch * kPairsPerBatch + b);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+        xv_[b][mt] = full_chunk || k + 8 * tig < K ? __ldg(x_lane[mt] + k / 8) : make_uint4(0, 0, 0, 0);
+    }
+  };
+
+  // The weight pipeline and the first x batch start before the LUT is built, which they do not need.
 #pragma unroll
   for (int i = 0; i < kStages - 1; ++i) issue(i);
+  uint4 xv[kPairsPerBatch][MT];
+  if (my_chunks > 0) load_x(0, 0, xv);
+
+  u32* lut_words = reinterpret_cast<u32*>(smem);
+  for (int i = threadIdx.x; i < Layout::kLutEntries * kCopies; i += 32 * WK)
+    lut_words[i] = pair_lut[i / kCopies];
+  __syncthreads();
+
   for (int i = 0; i < my_chunks; ++i) {
     // Stage (i - 1) % kStages was read into registers and used by the last iteration's mma.
     issue(i + kStages - 1);
     copy_async_wait<kStages - 1>();
-    const int c = warp + i * WK;
     u32 w[NT][Layout::kWords], sw[NT][kGroupsPerChunk];
     const uint4* codes_src = stage_codes(i);
     const u32* scales_src = stage_scales(i);
@@ -241,20 +260,13 @@ lut_gemm(const T* __restrict__ x, long long x_row_stride,
 
     // Unscaled sums of the current group; GROUP == 0 sums straight into acc.
     float part[NT][MT][4];
-    // x is loaded a batch of step pairs ahead of its mma: 32 registers whatever MT.
-    constexpr int kPairsPerBatch = kStepsPerChunk / 2 / MT;
-    const bool full_chunk = (c + 1) * kChunkK <= K;
 #pragma unroll
-    for (int j0 = 0; j0 < kStepsPerChunk / 2; j0 += kPairsPerBatch) {
-      uint4 xv[kPairsPerBatch][MT];
-#pragma unroll
-      for (int b = 0; b < kPairsPerBatch; ++b) {
-        const int k = c * kChunkK + 32 * (j0 + b);
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-          xv[b][mt] = full_chunk || k + 8 * tig < K ? __ldg(x_lane[mt] + k / 8)
-                                                    : make_uint4(0, 0, 0, 0);
-      }
+    for (int batch = 0; batch < kBatches; ++batch) {
+      const int j0 = batch * kPairsPerBatch;
+      // The next batch of x (this chunk's or the next one's) is in flight while this one computes.
+      uint4 xv_next[kPairsPerBatch][MT];
+      if (batch + 1 < kBatches) load_x(i, batch + 1, xv_next);
+      else if (i + 1 < my_chunks) load_x(i + 1, 0, xv_next);
 #pragma unroll
       for (int b = 0; b < 2 * kPairsPerBatch; ++b) {
         const int s = 2 * j0 + b;
@@ -291,6 +303,10 @@ lut_gemm(const T* __restrict__ x, long long x_row_stride,
           }
         }
       }
+#pragma unroll
+      for (int b = 0; b < kPairsPerBatch; ++b)
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) xv[b][mt] = xv_next[b][mt];
     }
   }
   copy_async_wait<0>();  // only empty groups are left, but none may land on reused memory

@@ -1,0 +1,17 @@
+"""One qgemm launch to profile under ncu: python scripts/profile_one.py N K M BITS [CONFIG]."""
+import sys
+
+import torch
+
+import cuflute
+from cuflute.kernels import parse_tile_config
+from cuflute.packing import random_packed
+
+n, k, m, bits = (int(v) for v in sys.argv[1:5])
+config = parse_tile_config(sys.argv[5]) if len(sys.argv) > 5 else None
+packed = random_packed(n, k, bits, 128, "float16", device=0)
+x = torch.randn(m, k, dtype=torch.float16, device="cuda")
+out = torch.empty(m, n, dtype=torch.float16, device="cuda")
+for _ in range(3):
+    cuflute.qgemm(x, packed, out=out, config=config)
+torch.cuda.synchronize()
