@@ -18,7 +18,8 @@
 //
 // Each warp streams its chunks through a private kStages-deep cp.async pipeline in shared memory
 // (every lane copies, then reads back, only its own bytes: no barrier needed), so kStages - 1
-// chunks are in flight while one is computed.
+// chunks are in flight while one is computed. Two stages measured fastest on the H100 (more
+// stages cost CTAs per SM more than they hide; docs/PERF_NOTES.md).
 //
 // Dynamic shared memory (cuflute.kernels.shared_bytes computes the same):
 //   [pair LUT x 32 copies][kStages][WK warps][NT * BITS code vectors][32 lanes] uint4
@@ -60,6 +61,14 @@
 
 namespace cuflute {
 
+// Shared-memory shape; cuflute.kernels passes both (LUT_COPIES, PIPELINE_STAGES) as -D options.
+#ifndef CUFLUTE_LUT_COPIES
+#define CUFLUTE_LUT_COPIES 32
+#endif
+#ifndef CUFLUTE_PIPELINE_STAGES
+#define CUFLUTE_PIPELINE_STAGES 2
+#endif
+
 constexpr int kChunkK = 256;              // k per (tile, chunk): 16 mma steps of k16
 constexpr int kStepsPerChunk = kChunkK / 16;
 
@@ -72,28 +81,31 @@ template <int BITS> struct CodeLayout {
   static_assert(BITS >= 2 && BITS <= 4, "BITS must be 2, 3 or 4");
   static constexpr int kWords = 4 * BITS;                 // per lane per (tile, chunk)
   static constexpr int kLutEntries = 1 << (2 * BITS);
-  // The pair LUT sits in shared memory 32 times, interleaved: entry f of copy c at byte
-  // 128 f + 4 c. Lane l reads copy l, so every lane has a bank of its own whatever the fields.
-  // 32 KiB for 4 bits, 8 KiB for 3, 2 KiB for 2.
-  static constexpr int kLutCopies = 32;
+  // The pair LUT sits in shared memory kLutCopies times, interleaved: entry f of copy c at byte
+  // 4 (kLutCopies f + c). Lane l reads copy l % kLutCopies; with 32 copies every lane has a bank
+  // of its own whatever the fields (32 KiB for 4 bits, 8 KiB for 3, 2 KiB for 2).
+  static constexpr int kLutCopies = CUFLUTE_LUT_COPIES;
+  static constexpr int kEntryShift = CUFLUTE_LUT_COPIES == 32 ? 7 : CUFLUTE_LUT_COPIES == 16 ? 6 : 5;
+  static_assert(4 * kLutCopies == 1 << kEntryShift, "kLutCopies must be 8, 16 or 32");
 
   // Byte offset of pair p of step s in that LUT, for the lane whose copy starts at lane_bytes:
-  // the field is moved straight to bit 7, masked, and or-ed with the lane's bank.
+  // the field is moved straight to bit kEntryShift, masked, and or-ed with the lane's bank.
   static __device__ __forceinline__ u32 lut_offset(const u32 (&w)[kWords], int s, int p,
                                                    u32 lane_bytes) {
+    constexpr int e = kEntryShift;
     if constexpr (BITS == 4) {
-      return (move_bits(w[s], 8 * p, 7) & 0x7F80u) | lane_bytes;
+      return (move_bits(w[s], 8 * p, e) & (0xFFu << e)) | lane_bytes;
     } else if constexpr (BITS == 2) {
-      return (move_bits(w[s >> 1], 16 * (s & 1) + 4 * p, 7) & 0x780u) | lane_bytes;
+      return (move_bits(w[s >> 1], 16 * (s & 1) + 4 * p, e) & (0xFu << e)) | lane_bytes;
     } else {
-      const u32 hi = move_bits(w[s >> 1], 16 * (s & 1) + 4 * p, 9) & 0x1E00u;
-      const u32 lo = move_bits(w[8 + (s >> 2)], 8 * (s & 3) + 2 * p, 7) & 0x180u;
+      const u32 hi = move_bits(w[s >> 1], 16 * (s & 1) + 4 * p, e + 2) & (0xFu << (e + 2));
+      const u32 lo = move_bits(w[8 + (s >> 2)], 8 * (s & 3) + 2 * p, e) & (0x3u << e);
       return hi | lo | lane_bytes;
     }
   }
 };
 
-constexpr int kStages = 4;
+constexpr int kStages = CUFLUTE_PIPELINE_STAGES;
 
 template <int BITS, int GROUP, int NT, int MT, int WK> struct SharedLayout {
   static constexpr int kGroupK = GROUP == 0 ? kChunkK : GROUP;  // k per scale group in a chunk

@@ -22,9 +22,9 @@ _PACKAGE = Path(__file__).resolve().parent
 CUDA_SRC = next(p for p in (_PACKAGE / "cuda_src", _PACKAGE.parent / "cuda_src") if p.is_dir())
 KERNEL_GROUPS = SUPPORTED_GROUP_SIZES + (0,)  # 0: one group per row
 TARGET_ARCHS = (80, 86, 89, 90)
-# Constants of cuda_src/lut_gemm.cuh that set its shared memory.
+# The shared-memory shape of cuda_src/lut_gemm.cuh, passed to it as -D options.
 LUT_COPIES = 32
-PIPELINE_STAGES = 4
+PIPELINE_STAGES = 2
 _CXX_TYPE = {"float16": "__half", "bfloat16": "__nv_bfloat16"}
 
 
@@ -125,7 +125,8 @@ def source() -> str:
 
 
 def compile_options() -> tuple[str, ...]:
-    return ("-std=c++17", f"-I{CUDA_SRC}")
+    return ("-std=c++17", f"-I{CUDA_SRC}", f"-DCUFLUTE_LUT_COPIES={LUT_COPIES}",
+            f"-DCUFLUTE_PIPELINE_STAGES={PIPELINE_STAGES}")
 
 
 @lru_cache(maxsize=None)
