@@ -22,7 +22,7 @@
 // stages cost CTAs per SM more than they hide; docs/PERF_NOTES.md).
 //
 // Dynamic shared memory (cuflute.kernels.shared_bytes computes the same):
-//   [pair LUT x 32 copies][kStages][WK warps][NT * BITS code vectors][32 lanes] uint4
+//   [pair LUT x kLutCopies][kStages][WK warps][NT * BITS code vectors][32 lanes] uint4
 //                                            [NT * groups per chunk][32 lanes]  u32
 //   and, once the K loop is over, the warps' partial sums from the start.
 //

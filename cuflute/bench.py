@@ -26,7 +26,7 @@ from functools import partial
 from . import __version__, gpu_available, qgemm
 from .dtypes import DTYPES
 from .formats import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
-from .packing import CHUNK_K, TILE_N, random_packed
+from .packing import packed_nbytes, random_packed
 
 # (N, K) of the linear layers of Llama-3-8B, then Llama-3-70B:
 # fused q/k/v projection, attention output, fused gate/up, down.
@@ -124,16 +124,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # ----------------------------------------------------------------------------- arithmetic
-
-def packed_nbytes(n: int, k: int, bits: int, group_size: int) -> int:
-    """Bytes of the PackedWeight that cuflute.packing.pack makes, counted from its layout."""
-    n_tiles, k_chunks = -(-n // TILE_N), -(-k // CHUNK_K)
-    n_groups = k_chunks * CHUNK_K // group_size
-    qweight = n_tiles * k_chunks * bits * 32 * 4 * 4  # uint32 [n_tiles, k_chunks, bits, 32, 4]
-    scales = n_tiles * n_groups * 8 * 2 * 2  # uint16 [n_tiles, n_groups, 8, 2]
-    pair_lut = 4**bits * 4  # uint32 [4**bits]
-    return qweight + scales + pair_lut
-
 
 def call_bytes(n: int, k: int, m: int, bits: int, group_size: int) -> int:
     """The fewest bytes one call moves: the packed weight, 16-bit activations in and output out."""

@@ -37,10 +37,6 @@ class TileConfig:
     wk: int
 
     @property
-    def block_n(self) -> int:
-        return 16 * self.nt
-
-    @property
     def block_m(self) -> int:
         return 8 * self.mt
 

@@ -112,6 +112,21 @@ def kernel_group(group_size: int, k: int) -> int:
     return group_size if group_size in SUPPORTED_GROUP_SIZES else 0
 
 
+def padded_groups(group_size: int, k: int) -> int:
+    """Scale groups per row in the packed layout: K padded to whole chunks, or 1 per row."""
+    group = kernel_group(group_size, k)
+    return 1 if group == 0 else -(-k // CHUNK_K) * CHUNK_K // group
+
+
+def packed_nbytes(n: int, k: int, bits: int, group_size: int | None) -> int:
+    """Bytes of the PackedWeight that pack() makes for an [n, k] weight (group_size None or k:
+    one scale per row): qweight, scales and pair LUT."""
+    n_tiles, k_chunks = -(-n // TILE_N), -(-k // CHUNK_K)
+    qweight = n_tiles * k_chunks * bits * LANES * 4 * 4
+    scales = n_tiles * padded_groups(group_size, k) * 8 * 2 * 2
+    return qweight + scales + 4**bits * 4
+
+
 @dataclass(frozen=True)
 class PackedWeight:
     """A weight in the kernel's layout. Arrays are NumPy (host) or CuPy (on ``device``)."""
@@ -223,8 +238,7 @@ def pack(qw: QuantizedWeight, dtype: str = "float16") -> PackedWeight:
     lane_words = np.concatenate(words, axis=-1)  # [tile, chunk, lane, 4 * bits]
     qweight = lane_words.reshape(n_tiles, k_chunks, LANES, bits, 4).transpose(0, 1, 3, 2, 4)
 
-    group = kernel_group(qw.group_size, k)
-    n_groups = 1 if group == 0 else k_chunks * CHUNK_K // group
+    n_groups = padded_groups(qw.group_size, k)
     s = np.zeros((n_tiles * TILE_N, n_groups), dtype=np.float64)
     s[:n, : qw.scales.shape[1]] = qw.scales
     s_bits = dtypes.to_bits(s, dtype).reshape(n_tiles, 2, 8, n_groups).transpose(0, 3, 2, 1)
@@ -256,7 +270,7 @@ def random_packed(n: int, k: int, bits: int = 4, group_size: int = 128, dtype: s
     values = resolve_table(table, bits)
     n_tiles, k_chunks = -(-n // TILE_N), -(-k // CHUNK_K)
     group = kernel_group(group_size, k)
-    n_groups = 1 if group == 0 else k_chunks * CHUNK_K // group
+    n_groups = padded_groups(group_size, k)
     used_groups = 1 if group == 0 else k // group
     s = np.zeros((n_tiles * TILE_N, n_groups))
     s[:n, :used_groups] = np.random.default_rng(seed).uniform(0.01, 0.03, (n, used_groups))

@@ -29,7 +29,7 @@ from .dtypes import DTYPES
 from .formats import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 from .gemm import device_properties, qgemm
 from .kernels import TILE_CONFIGS, KernelSpec, TileConfig, parse_tile_config
-from .packing import TILE_N, random_packed
+from .packing import TILE_N, packed_nbytes, random_packed
 
 CHECK_TILES = 4  # row tiles of each weight compared with the NumPy reference
 
@@ -85,7 +85,7 @@ def tune_problem(n, k, bits, group_size, dtype, sweep: Sweep, rotate_bytes, repl
 
     group = None if group_size == "channel" else group_size
     device = torch.cuda.current_device()
-    copies = bench.rotation_copies(rotate_bytes, bench.packed_nbytes(n, k, bits, group or k))
+    copies = bench.rotation_copies(rotate_bytes, packed_nbytes(n, k, bits, group))
     weights = [random_packed(n, k, bits, group, dtype, device=device, seed=s) for s in range(copies)]
     rng = np.random.default_rng(n * 31 + k)
     tiles = rng.choice(n // TILE_N, size=min(CHECK_TILES, n // TILE_N), replace=False)

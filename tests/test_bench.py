@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from cuflute import bench, pack, quantize
+from cuflute.packing import packed_nbytes
 
 
 def parse(*argv):
@@ -66,17 +67,17 @@ def test_parse_bytes(text, expected):
 def test_packed_nbytes_matches_the_packer(n, k, group_size, bits):
     w = np.random.default_rng(n * k + bits).standard_normal((n, k))
     packed = pack(quantize(w, bits=bits, group_size=group_size))
-    assert bench.packed_nbytes(n, k, bits, group_size) == packed.nbytes, f"{n=} {k=} {bits=}"
+    assert packed_nbytes(n, k, bits, group_size) == packed.nbytes, f"{n=} {k=} {bits=}"
 
 
 def test_byte_counts_of_a_llama_layer():
     # 4-bit 4096x4096, group 128: codes N*K/2, scales N*(K/128)*2 bytes, pair LUT 256 * 4.
     packed = 4096 * 4096 // 2 + 4096 * 32 * 2 + 256 * 4
-    assert bench.packed_nbytes(4096, 4096, 4, 128) == packed
+    assert packed_nbytes(4096, 4096, 4, 128) == packed
     assert bench.call_bytes(4096, 4096, 16, 4, 128) == packed + 2 * 16 * 4096 * 2
     assert bench.dense_call_bytes(4096, 4096, 1) == 2 * 4096 * 4096 + 2 * 4096 + 2 * 4096
     # 3 bits: 3/8 of a byte per code, on a K that is no multiple of 256 (padded to 14336).
-    assert bench.packed_nbytes(4096, 14336, 3, 128) == (4096 * 14336 * 3 // 8
+    assert packed_nbytes(4096, 14336, 3, 128) == (4096 * 14336 * 3 // 8
                                                         + 4096 * 112 * 2 + 64 * 4)
 
 

@@ -116,3 +116,12 @@ def test_take_tiles_is_those_rows():
                                   reference.dequantize(packed)[np.r_[48:64, 0:16]])
     with pytest.raises(ValueError, match="whole tiles below 4"):
         packed.take_tiles([4])
+
+
+@pytest.mark.parametrize("group_size", [32, 256, None])
+def test_packed_nbytes_counts_what_pack_makes(group_size):
+    from cuflute.packing import packed_nbytes
+
+    qw = _quantized(40, 512, 3, group_size)
+    assert packed_nbytes(40, 512, 3, group_size) == pack(qw).nbytes
+    assert packed_nbytes(40, 512, 3, group_size) == random_packed(40, 512, 3, group_size).nbytes
