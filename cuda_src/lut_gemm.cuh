@@ -8,22 +8,24 @@
 // at decode sizes M is small, so the 8-wide side of m16n8k16 goes to M. The A operand is the
 // table value T[q] alone; each group's partial sums are scaled in float32 when the group ends.
 //
+// One CTA per (m block, strip of NT tiles); its WK warps split the strip's K chunks, each
+// streaming its chunks through a private cp.async pipeline, looking code pairs up in the shared
+// pair LUT and running mma against x; the warps' sums meet in shared memory at the end.
+// (A persistent Stream-K variant measured slower at every shape: docs/PERF_NOTES.md.)
+//
 // Template parameters
-//   BITS   code width in bits: 2, 3 or 4
-//   GROUP  scale group size in k elements: 32, 64, 128, 256, or 0 for one group per row
-//   T      __half or __nv_bfloat16
-//   NT     16-row n tiles per warp (each warp owns NT * 16 output rows of its CTA)
-//   MT     8-column m tiles per CTA (blockIdx.x steps M by 8 * MT, blockIdx.y N by 16 * NT)
-//   WK     warps per CTA; they split the K chunks of the CTA's rows and are summed in shared memory
+//   BITS    code width in bits: 2, 3 or 4
+//   GROUP   scale group size in k elements: 32, 64, 128, 256, or 0 for one group per row
+//   T       __half or __nv_bfloat16
+//   NT      16-row n tiles per warp: a strip is NT tiles, 16 * NT output rows
+//   MT      8-column m tiles: blockIdx.x steps M by 8 * MT, blockIdx.y N by 16 * NT
+//   WK      warps per CTA
+//   STAGES  depth of each warp's cp.async pipeline: STAGES - 1 chunks in flight while one is
+//           computed (every lane copies, then reads back, only its own bytes: no barrier needed)
 //
-// Each warp streams its chunks through a private kStages-deep cp.async pipeline in shared memory
-// (every lane copies, then reads back, only its own bytes: no barrier needed), so kStages - 1
-// chunks are in flight while one is computed. Two stages measured fastest on the H100 (more
-// stages cost CTAs per SM more than they hide; docs/PERF_NOTES.md).
-//
-// Dynamic shared memory (cuflute.kernels.shared_bytes computes the same):
-//   [pair LUT x kLutCopies][kStages][WK warps][NT * BITS code vectors][32 lanes] uint4
-//                                            [NT * groups per chunk][32 lanes]  u32
+// Dynamic shared memory (cuflute.kernels.KernelSpec.shared_bytes computes the same):
+//   [pair LUT x kLutCopies][STAGES][WK warps][NT * BITS code vectors][32 lanes] uint4
+//                                           [NT * groups per chunk][32 lanes]  u32
 //   and, once the K loop is over, the warps' partial sums from the start.
 //
 // Packed layout (produced by cuflute.packing.pack, inverted by cuflute.reference.unpack_codes)
@@ -56,17 +58,15 @@
 //
 // Rows past N and k past K are padding: their codes are 0, their scales 0, and x is never read there.
 
+
 #pragma once
 #include "dtype_traits.cuh"
 
 namespace cuflute {
 
-// Shared-memory shape; cuflute.kernels passes both (LUT_COPIES, PIPELINE_STAGES) as -D options.
+// LUT copies: cuflute.kernels passes LUT_COPIES as a -D option.
 #ifndef CUFLUTE_LUT_COPIES
 #define CUFLUTE_LUT_COPIES 32
-#endif
-#ifndef CUFLUTE_PIPELINE_STAGES
-#define CUFLUTE_PIPELINE_STAGES 2
 #endif
 
 constexpr int kChunkK = 256;              // k per (tile, chunk): 16 mma steps of k16
@@ -87,6 +87,7 @@ template <int BITS> struct CodeLayout {
   static constexpr int kLutCopies = CUFLUTE_LUT_COPIES;
   static constexpr int kEntryShift = CUFLUTE_LUT_COPIES == 32 ? 7 : CUFLUTE_LUT_COPIES == 16 ? 6 : 5;
   static_assert(4 * kLutCopies == 1 << kEntryShift, "kLutCopies must be 8, 16 or 32");
+  static constexpr int kLutBytes = kLutEntries * kLutCopies * 4;
 
   // Byte offset of pair p of step s in that LUT, for the lane whose copy starts at lane_bytes:
   // the field is moved straight to bit kEntryShift, masked, and or-ed with the lane's bank.
@@ -105,18 +106,36 @@ template <int BITS> struct CodeLayout {
   }
 };
 
-constexpr int kStages = CUFLUTE_PIPELINE_STAGES;
-
-template <int BITS, int GROUP, int NT, int MT, int WK> struct SharedLayout {
+// What one warp holds for one strip of NT tiles and MT m tiles.
+template <int BITS, int GROUP, int NT, int MT> struct WarpTile {
+  static_assert(MT == 1 || MT == 2 || MT == 4, "MT must be 1, 2 or 4");
   static constexpr int kGroupK = GROUP == 0 ? kChunkK : GROUP;  // k per scale group in a chunk
+  static_assert(kGroupK >= 32 && kChunkK % kGroupK == 0, "GROUP must be 0 or divide 256");
   static constexpr int kGroupsPerChunk = kChunkK / kGroupK;
-  static constexpr int kLutBytes = CodeLayout<BITS>::kLutEntries * CodeLayout<BITS>::kLutCopies * 4;
+  static constexpr int kStepsPerGroup = kGroupK / 16;
+  static constexpr int kWords = CodeLayout<BITS>::kWords;
   static constexpr int kCodeVectors = NT * BITS;                  // uint4 per lane per stage
   static constexpr int kScaleWords = NT * kGroupsPerChunk;        // u32 per lane per stage
-  static constexpr int kWarpStageBytes = 32 * (16 * kCodeVectors + 4 * kScaleWords);
-  static constexpr int kPipelineBytes = kLutBytes + kStages * WK * kWarpStageBytes;
-  static constexpr int kPartialBytes = WK > 1 ? WK * NT * MT * 4 * 32 * 4 : 0;
-  static constexpr int kBytes = kPipelineBytes > kPartialBytes ? kPipelineBytes : kPartialBytes;
+  static constexpr int kStageBytes = 32 * (16 * kCodeVectors + 4 * kScaleWords);
+  // x goes in batches of kPairsPerBatch step pairs for MT m tiles: 16 registers a batch, two
+  // batches live at once (the one in use and the one in flight).
+  static constexpr int kPairsPerBatch = 4 / MT;
+  static constexpr int kBatches = kStepsPerChunk / 2 / kPairsPerBatch;
+  using Codes = u32[NT][kWords];
+  using Scales = u32[NT][kGroupsPerChunk];
+  using XBatch = uint4[kPairsPerBatch][MT];
+  using Acc = float[NT][MT][4];
+};
+
+template <int BITS, int GROUP, int NT, int MT, int WK, int STAGES> struct SharedLayout {
+  using Tile = WarpTile<BITS, GROUP, NT, MT>;
+  static constexpr int kLutBytes = CodeLayout<BITS>::kLutBytes;
+  static constexpr int kPipelineBytes = kLutBytes + STAGES * WK * Tile::kStageBytes;
+  static constexpr int kPartialBytes = WK > 1 ? WK * NT * MT * 4 * 32 * 4 : 0;  // the warps' sums
+  // Stage s of warp w, lane 0's bytes: codes, then scales.
+  static __device__ __forceinline__ unsigned char* stage(unsigned char* smem, int warp, int i) {
+    return smem + kLutBytes + ((i % STAGES) * WK + warp) * Tile::kStageBytes;
+  }
 };
 
 __device__ __forceinline__ u32 shared_address(const void* p) {
@@ -140,194 +159,172 @@ template <int N> __device__ __forceinline__ void copy_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" :: "n"(N));
 }
 
-template <int BITS, int GROUP, typename T, int NT, int MT, int WK>
-// One tile of each kind: 128 registers (16 warps an SM), which it fits without spilling.
-// More tiles: all the registers they need, down to one CTA an SM.
-__global__ void __launch_bounds__(32 * WK, NT * MT == 1 ? 16 / WK : 1)
-lut_gemm(const T* __restrict__ x, long long x_row_stride,
-         const uint4* __restrict__ qweight, const u32* __restrict__ scales,
-         const u32* __restrict__ pair_lut, T* __restrict__ y,
-         int M, int N, int K, int k_chunks, int n_groups) {
-  using Smem = SharedLayout<BITS, GROUP, NT, MT, WK>;
-  static_assert(Smem::kGroupK >= 32 && kChunkK % Smem::kGroupK == 0, "GROUP must be 0 or divide 256");
-  static_assert(MT == 1 || MT == 2 || MT == 4, "MT must be 1, 2 or 4");
-  using Traits = DTypeTraits<T>;
-  using Layout = CodeLayout<BITS>;
-  constexpr int kCopies = Layout::kLutCopies;
-  constexpr int kGroupsPerChunk = Smem::kGroupsPerChunk;
-  constexpr int kStepsPerGroup = Smem::kGroupK / 16;
-  constexpr int kAccPerWarp = NT * MT * 4 * 32;            // (nt, mt, c register, lane)
-
-  extern __shared__ __align__(16) unsigned char smem[];
+__device__ __forceinline__ void check_dynamic_shared(u32 needed) {
   u32 dynamic_bytes;
   asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dynamic_bytes));
-  if (dynamic_bytes < Smem::kBytes) __trap();  // launched with less than cuflute.kernels.shared_bytes
+  if (dynamic_bytes < needed) __trap();  // launched with less than KernelSpec.shared_bytes
+}
 
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int gid = lane >> 2, tig = lane & 3;
-  const u32 lane_bytes = 4 * (lane % kCopies);
-  const char* lut = reinterpret_cast<const char*>(smem);
-  const int n_tiles = (N + 15) / 16;
-  // m blocks vary fastest, so the CTAs that read the same weight rows run together and the
-  // second and later ones find the weight in L2.
-  const int m0 = blockIdx.x * 8 * MT;
-  const int tile0 = blockIdx.y * NT;
+// The pair LUT, kLutCopies interleaved copies, written four copies (16 bytes) a store.
+template <int BITS>
+__device__ __forceinline__ void fill_lut(unsigned char* smem, const u32* __restrict__ pair_lut,
+                                         int thread, int threads) {
+  constexpr int kCopies = CodeLayout<BITS>::kLutCopies;
+  constexpr int kVectors = CodeLayout<BITS>::kLutBytes / 16;
+  uint4* dst = reinterpret_cast<uint4*>(smem);
+  for (int i = thread; i < kVectors; i += threads) {
+    const u32 v = __ldg(pair_lut + i / (kCopies / 4));
+    dst[i] = make_uint4(v, v, v, v);
+  }
+}
 
-  // B fragments come from x[m0 + 8 mt + gid][32 j + 8 tig, +8). Rows past M read row M-1
-  // instead: their output columns are never stored.
-  const uint4* x_lane[MT];
+// Start copying the codes and scales of tiles [tile0, tile0 + NT) x chunk c into a stage.
+// Tiles past the last are zero-filled (their codes index LUT entry 0, their scales are 0).
+template <int BITS, int GROUP, int NT>
+__device__ __forceinline__ void copy_chunk_async(unsigned char* stage, const uint4* __restrict__ qweight,
+                                                 const u32* __restrict__ scales, int tile0, int c,
+                                                 int n_tiles, int k_chunks, int n_groups, int lane) {
+  using Tile = WarpTile<BITS, GROUP, NT, 1>;
+  uint4* codes_dst = reinterpret_cast<uint4*>(stage) + lane;
+  u32* scales_dst = reinterpret_cast<u32*>(stage + 32 * 16 * Tile::kCodeVectors) + lane;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int tile = min(tile0 + nt, n_tiles - 1);
+    const bool valid = tile0 + nt < n_tiles;
+    const uint4* src = qweight + ((long long)tile * k_chunks + c) * BITS * 32 + lane;
+#pragma unroll
+    for (int v = 0; v < BITS; ++v) copy_async_16(codes_dst + 32 * (nt * BITS + v), src + 32 * v, valid);
+#pragma unroll
+    for (int j = 0; j < Tile::kGroupsPerChunk; ++j) {
+      const int group = GROUP == 0 ? 0 : c * Tile::kGroupsPerChunk + j;
+      copy_async_4(scales_dst + 32 * (nt * Tile::kGroupsPerChunk + j),
+                   scales + ((long long)tile * n_groups + group) * 8 + (lane >> 2), valid);
+    }
+  }
+}
+
+template <int BITS, int GROUP, int NT, int MT>
+__device__ __forceinline__ void read_stage(const unsigned char* stage, int lane,
+                                           typename WarpTile<BITS, GROUP, NT, MT>::Codes& w,
+                                           typename WarpTile<BITS, GROUP, NT, MT>::Scales& sw) {
+  using Tile = WarpTile<BITS, GROUP, NT, MT>;
+  const uint4* codes_src = reinterpret_cast<const uint4*>(stage) + lane;
+  const u32* scales_src = reinterpret_cast<const u32*>(stage + 32 * 16 * Tile::kCodeVectors) + lane;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int v = 0; v < BITS; ++v) {
+      const uint4 q = codes_src[32 * (nt * BITS + v)];
+      w[nt][4 * v + 0] = q.x;
+      w[nt][4 * v + 1] = q.y;
+      w[nt][4 * v + 2] = q.z;
+      w[nt][4 * v + 3] = q.w;
+    }
+#pragma unroll
+    for (int j = 0; j < Tile::kGroupsPerChunk; ++j) sw[nt][j] = scales_src[32 * (nt * Tile::kGroupsPerChunk + j)];
+  }
+}
+
+// B fragments come from x[m0 + 8 mt + gid][32 j + 8 tig, +8). Rows past M read row M-1
+// instead: their output columns are never stored.
+template <typename T, int MT>
+__device__ __forceinline__ void x_rows(const uint4* (&x_lane)[MT], const T* x, long long x_row_stride,
+                                       int m0, int M, int lane) {
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
-    const int m = min(m0 + 8 * mt + gid, M - 1);
-    x_lane[mt] = reinterpret_cast<const uint4*>(x + (long long)m * x_row_stride + 8 * tig);
+    const int m = min(m0 + 8 * mt + (lane >> 2), M - 1);
+    x_lane[mt] = reinterpret_cast<const uint4*>(x + (long long)m * x_row_stride + 8 * (lane & 3));
   }
+}
 
-  float acc[NT][MT][4];
+// x of batch `batch` of chunk c (16-byte loads; k past K reads as zeros).
+template <int BITS, int GROUP, int NT, int MT>
+__device__ __forceinline__ void load_x(typename WarpTile<BITS, GROUP, NT, MT>::XBatch& xv,
+                                       const uint4* const (&x_lane)[MT], int c, int batch, int K, int tig) {
+  using Tile = WarpTile<BITS, GROUP, NT, MT>;
+  const bool full_chunk = (c + 1) * kChunkK <= K;
 #pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
+  for (int b = 0; b < Tile::kPairsPerBatch; ++b) {
+    const int k = c * kChunkK + 32 * (batch * Tile::kPairsPerBatch + b);
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) acc[nt][mt][r] = 0.f;
+      xv[b][mt] = full_chunk || k + 8 * tig < K ? __ldg(x_lane[mt] + k / 8) : make_uint4(0, 0, 0, 0);
+  }
+}
 
-  // This warp's chunks are warp, warp + WK, ...; its i-th goes through stage i % kStages.
-  unsigned char* warp_stages = smem + Smem::kLutBytes + warp * Smem::kWarpStageBytes;
-  auto stage_codes = [&](int i) {
-    return reinterpret_cast<uint4*>(warp_stages + (i % kStages) * WK * Smem::kWarpStageBytes) + lane;
-  };
-  auto stage_scales = [&](int i) {
-    return reinterpret_cast<u32*>(stage_codes(i) - lane + 32 * Smem::kCodeVectors) + lane;
-  };
-  const int my_chunks = warp < k_chunks ? (k_chunks - warp + WK - 1) / WK : 0;
-  auto issue = [&](int i) {
-    if (i < my_chunks) {
-      const int c = warp + i * WK;
-      uint4* codes_dst = stage_codes(i);
-      u32* scales_dst = stage_scales(i);
+// acc += the products of one chunk c. xv holds batch 0 of chunk c on entry and batch 0 of
+// chunk c_next (if c_next >= 0) on exit: the next batch of x is in flight while one computes.
+template <int BITS, int GROUP, typename T, int NT, int MT>
+__device__ __forceinline__ void mma_chunk(typename WarpTile<BITS, GROUP, NT, MT>::Acc& acc,
+                                          const typename WarpTile<BITS, GROUP, NT, MT>::Codes& w,
+                                          const typename WarpTile<BITS, GROUP, NT, MT>::Scales& sw,
+                                          typename WarpTile<BITS, GROUP, NT, MT>::XBatch& xv,
+                                          const uint4* const (&x_lane)[MT], int c, int c_next, int K,
+                                          const char* lut, u32 lane_bytes, int tig) {
+  using Tile = WarpTile<BITS, GROUP, NT, MT>;
+  using Traits = DTypeTraits<T>;
+  using Layout = CodeLayout<BITS>;
+  constexpr int kStepsPerGroup = Tile::kStepsPerGroup;
+  // Unscaled sums of the current group; GROUP == 0 sums straight into acc.
+  float part[NT][MT][4];
+#pragma unroll
+  for (int batch = 0; batch < Tile::kBatches; ++batch) {
+    const int j0 = batch * Tile::kPairsPerBatch;
+    typename Tile::XBatch xv_next;
+    if (batch + 1 < Tile::kBatches) load_x<BITS, GROUP, NT, MT>(xv_next, x_lane, c, batch + 1, K, tig);
+    else if (c_next >= 0) load_x<BITS, GROUP, NT, MT>(xv_next, x_lane, c_next, 0, K, tig);
+#pragma unroll
+    for (int b = 0; b < 2 * Tile::kPairsPerBatch; ++b) {
+      const int s = 2 * j0 + b;
+      if (GROUP != 0 && s % kStepsPerGroup == 0) {
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) part[nt][mt][r] = 0.f;
+      }
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        const int tile = min(tile0 + nt, n_tiles - 1);
-        const bool valid = tile0 + nt < n_tiles;
-        const uint4* src = qweight + ((long long)tile * k_chunks + c) * BITS * 32 + lane;
+        u32 a[4];
 #pragma unroll
-        for (int v = 0; v < BITS; ++v) copy_async_16(codes_dst + 32 * (nt * BITS + v), src + 32 * v, valid);
+        for (int p = 0; p < 4; ++p)
+          a[p] = *reinterpret_cast<const u32*>(lut + Layout::lut_offset(w[nt], s, p, lane_bytes));
 #pragma unroll
-        for (int j = 0; j < kGroupsPerChunk; ++j) {
-          const int group = GROUP == 0 ? 0 : c * kGroupsPerChunk + j;
-          copy_async_4(scales_dst + 32 * (nt * kGroupsPerChunk + j),
-                       scales + ((long long)tile * n_groups + group) * 8 + gid, valid);
+        for (int mt = 0; mt < MT; ++mt) {
+          const uint4& v = xv[b / 2][mt];
+          Traits::mma(GROUP == 0 ? acc[nt][mt] : part[nt][mt], a,
+                      b % 2 ? v.z : v.x, b % 2 ? v.w : v.y);
         }
       }
-    }
-    copy_async_commit();  // empty groups too, so that wait_group counts chunks
-  };
-
-  // x for batch `batch` of this warp's i-th chunk: kPairsPerBatch step pairs, MT row tiles,
-  // 16 registers (two batches live at once: the one in use and the one in flight).
-  constexpr int kPairsPerBatch = 4 / MT;
-  constexpr int kBatches = kStepsPerChunk / 2 / kPairsPerBatch;
-  auto load_x = [&](int i, int batch, uint4 (&xv_)[kPairsPerBatch][MT]) {
-    const int c = warp + i * WK;
-    const bool full_chunk = (c + 1) * kChunkK <= K;
-#pragma unroll
-    for (int b = 0; b < kPairsPerBatch; ++b) {
-      const int k = c * kChunkK + 32 * (batch * kPairsPerBatch + b);
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-        xv_[b][mt] = full_chunk || k + 8 * tig < K ? __ldg(x_lane[mt] + k / 8) : make_uint4(0, 0, 0, 0);
-    }
-  };
-
-  // The weight pipeline and the first x batch start before the LUT is built, which they do not need.
-#pragma unroll
-  for (int i = 0; i < kStages - 1; ++i) issue(i);
-  uint4 xv[kPairsPerBatch][MT];
-  if (my_chunks > 0) load_x(0, 0, xv);
-
-  u32* lut_words = reinterpret_cast<u32*>(smem);
-  for (int i = threadIdx.x; i < Layout::kLutEntries * kCopies; i += 32 * WK)
-    lut_words[i] = pair_lut[i / kCopies];
-  __syncthreads();
-
-  for (int i = 0; i < my_chunks; ++i) {
-    // Stage (i - 1) % kStages was read into registers and used by the last iteration's mma.
-    issue(i + kStages - 1);
-    copy_async_wait<kStages - 1>();
-    u32 w[NT][Layout::kWords], sw[NT][kGroupsPerChunk];
-    const uint4* codes_src = stage_codes(i);
-    const u32* scales_src = stage_scales(i);
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-      for (int v = 0; v < BITS; ++v) {
-        const uint4 q = codes_src[32 * (nt * BITS + v)];
-        w[nt][4 * v + 0] = q.x;
-        w[nt][4 * v + 1] = q.y;
-        w[nt][4 * v + 2] = q.z;
-        w[nt][4 * v + 3] = q.w;
-      }
-#pragma unroll
-      for (int j = 0; j < kGroupsPerChunk; ++j) sw[nt][j] = scales_src[32 * (nt * kGroupsPerChunk + j)];
-    }
-
-    // Unscaled sums of the current group; GROUP == 0 sums straight into acc.
-    float part[NT][MT][4];
-#pragma unroll
-    for (int batch = 0; batch < kBatches; ++batch) {
-      const int j0 = batch * kPairsPerBatch;
-      // The next batch of x (this chunk's or the next one's) is in flight while this one computes.
-      uint4 xv_next[kPairsPerBatch][MT];
-      if (batch + 1 < kBatches) load_x(i, batch + 1, xv_next);
-      else if (i + 1 < my_chunks) load_x(i + 1, 0, xv_next);
-#pragma unroll
-      for (int b = 0; b < 2 * kPairsPerBatch; ++b) {
-        const int s = 2 * j0 + b;
-        if (GROUP != 0 && s % kStepsPerGroup == 0) {
-#pragma unroll
-          for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-              for (int r = 0; r < 4; ++r) part[nt][mt][r] = 0.f;
-        }
+      if (GROUP != 0 && s % kStepsPerGroup == kStepsPerGroup - 1) {
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
-          u32 a[4];
+          const float2 scale = Traits::scales_to_float2(sw[nt][s / kStepsPerGroup]);
 #pragma unroll
-          for (int p = 0; p < 4; ++p)
-            a[p] = *reinterpret_cast<const u32*>(lut + Layout::lut_offset(w[nt], s, p, lane_bytes));
+          for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-          for (int mt = 0; mt < MT; ++mt) {
-            const uint4& v = xv[b / 2][mt];
-            Traits::mma(GROUP == 0 ? acc[nt][mt] : part[nt][mt], a,
-                        b % 2 ? v.z : v.x, b % 2 ? v.w : v.y);
-          }
-        }
-        if (GROUP != 0 && s % kStepsPerGroup == kStepsPerGroup - 1) {
-#pragma unroll
-          for (int nt = 0; nt < NT; ++nt) {
-            const float2 scale = Traits::scales_to_float2(sw[nt][s / kStepsPerGroup]);
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-              for (int r = 0; r < 4; ++r)
-                acc[nt][mt][r] = fmaf(r < 2 ? scale.x : scale.y, part[nt][mt][r], acc[nt][mt][r]);
-          }
+            for (int r = 0; r < 4; ++r)
+              acc[nt][mt][r] = fmaf(r < 2 ? scale.x : scale.y, part[nt][mt][r], acc[nt][mt][r]);
         }
       }
-#pragma unroll
-      for (int b = 0; b < kPairsPerBatch; ++b)
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) xv[b][mt] = xv_next[b][mt];
     }
+#pragma unroll
+    for (int b = 0; b < Tile::kPairsPerBatch; ++b)
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) xv[b][mt] = xv_next[b][mt];
   }
-  copy_async_wait<0>();  // only empty groups are left, but none may land on reused memory
+}
 
-  if constexpr (GROUP == 0) {  // one scale per row, applied once at the end
+// GROUP == 0: the one scale per row multiplies the finished sums of tiles [tile0, tile0 + NT).
+template <int GROUP, typename T, int NT, int MT>
+__device__ __forceinline__ void scale_rows(float (&acc)[NT][MT][4], const u32* __restrict__ scales,
+                                           int tile0, int n_tiles, int n_groups, int gid) {
+  if constexpr (GROUP == 0) {
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       const int tile = tile0 + nt;
-      const float2 scale = Traits::scales_to_float2(
+      const float2 scale = DTypeTraits<T>::scales_to_float2(
           tile < n_tiles ? __ldg(scales + (long long)tile * n_groups * 8 + gid) : 0u);
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
@@ -335,21 +332,98 @@ lut_gemm(const T* __restrict__ x, long long x_row_stride,
         for (int r = 0; r < 4; ++r) acc[nt][mt][r] *= r < 2 ? scale.x : scale.y;
     }
   }
+}
 
-  // C fragment register r of lane (gid, tig): row n = gid + 8 (r / 2), column m = 2 tig + r % 2.
-  auto store = [&](float v, int nt, int mt, int r, int l) {
-    const int n = (tile0 + nt) * 16 + (l >> 2) + 8 * (r >> 1);
-    const int m = m0 + 8 * mt + 2 * (l & 3) + (r & 1);
-    if (n < N && m < M) y[(long long)m * N + n] = Traits::from_float(v);
+// C fragment register r of lane l = (gid, tig) in tile nt, m tile mt: row n = gid + 8 (r / 2),
+// column m = 2 tig + r % 2 of the tile.
+__device__ __forceinline__ int2 output_coord(int tile0, int m0, int nt, int mt, int r, int l) {
+  return make_int2((tile0 + nt) * 16 + (l >> 2) + 8 * (r >> 1), m0 + 8 * mt + 2 * (l & 3) + (r & 1));
+}
+
+// f(n, m, value) for each of this lane's outputs inside [0, N) x [0, M).
+template <int NT, int MT, typename F>
+__device__ __forceinline__ void for_each_output(const float (&acc)[NT][MT][4], int tile0, int m0,
+                                                int N, int M, int lane, F f) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int2 nm = output_coord(tile0, m0, nt, mt, r, lane);
+        if (nm.x < N && nm.y < M) f(nm.x, nm.y, acc[nt][mt][r]);
+      }
+}
+
+template <int BITS, int GROUP, typename T, int NT, int MT, int WK, int STAGES>
+// One tile of each kind: 128 registers (16 warps an SM), which it fits without spilling.
+// More tiles: all the registers they need, down to one CTA an SM.
+__global__ void __launch_bounds__(32 * WK, NT * MT == 1 ? 16 / WK : 1)
+lut_gemm(const T* __restrict__ x, long long x_row_stride,
+         const uint4* __restrict__ qweight, const u32* __restrict__ scales,
+         const u32* __restrict__ pair_lut, T* __restrict__ y,
+         int M, int N, int K, int k_chunks, int n_groups) {
+  using Tile = WarpTile<BITS, GROUP, NT, MT>;
+  using Smem = SharedLayout<BITS, GROUP, NT, MT, WK, STAGES>;
+  constexpr int kAccPerWarp = NT * MT * 4 * 32;            // (nt, mt, c register, lane)
+  extern __shared__ __align__(16) unsigned char smem[];
+  check_dynamic_shared(Smem::kPipelineBytes > Smem::kPartialBytes ? Smem::kPipelineBytes
+                                                                  : Smem::kPartialBytes);
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int gid = lane >> 2, tig = lane & 3;
+  const u32 lane_bytes = 4 * (lane % CodeLayout<BITS>::kLutCopies);
+  const int n_tiles = (N + 15) / 16;
+  // m blocks vary fastest, so the CTAs that read the same weight rows run together and the
+  // second and later ones find the weight in L2.
+  const int m0 = blockIdx.x * 8 * MT;
+  const int tile0 = blockIdx.y * NT;
+
+  const uint4* x_lane[MT];
+  x_rows<T, MT>(x_lane, x, x_row_stride, m0, M, lane);
+
+  typename Tile::Acc acc;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[nt][mt][r] = 0.f;
+
+  // This warp's chunks are warp, warp + WK, ...; its i-th goes through stage i % STAGES.
+  const int my_chunks = warp < k_chunks ? (k_chunks - warp + WK - 1) / WK : 0;
+  auto issue = [&](int i) {
+    if (i < my_chunks)
+      copy_chunk_async<BITS, GROUP, NT>(Smem::stage(smem, warp, i), qweight, scales, tile0,
+                                        warp + i * WK, n_tiles, k_chunks, n_groups, lane);
+    copy_async_commit();  // empty groups too, so that wait_group counts chunks
   };
 
+  // The weight pipeline and the first x batch start before the LUT is built, which they do not need.
+#pragma unroll
+  for (int i = 0; i < STAGES - 1; ++i) issue(i);
+  typename Tile::XBatch xv;
+  if (my_chunks > 0) load_x<BITS, GROUP, NT, MT>(xv, x_lane, warp, 0, K, tig);
+  fill_lut<BITS>(smem, pair_lut, threadIdx.x, 32 * WK);
+  __syncthreads();
+
+  for (int i = 0; i < my_chunks; ++i) {
+    // Stage (i - 1) % STAGES was read into registers and used by the last iteration's mma.
+    issue(i + STAGES - 1);
+    copy_async_wait<STAGES - 1>();
+    typename Tile::Codes w;
+    typename Tile::Scales sw;
+    read_stage<BITS, GROUP, NT, MT>(Smem::stage(smem, warp, i), lane, w, sw);
+    const int c = warp + i * WK;
+    mma_chunk<BITS, GROUP, T, NT, MT>(acc, w, sw, xv, x_lane, c, i + 1 < my_chunks ? c + WK : -1, K,
+                                     reinterpret_cast<const char*>(smem), lane_bytes, tig);
+  }
+  copy_async_wait<0>();  // only empty groups are left, but none may land on reused memory
+  scale_rows<GROUP, T, NT, MT>(acc, scales, tile0, n_tiles, n_groups, gid);
+
+  auto store = [&](int n, int m, float v) { y[(long long)m * N + n] = DTypeTraits<T>::from_float(v); };
   if constexpr (WK == 1) {
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) store(acc[nt][mt][r], nt, mt, r, lane);
+    for_each_output<NT, MT>(acc, tile0, m0, N, M, lane, store);
   } else {
     float* partial_sh = reinterpret_cast<float*>(smem);
     __syncthreads();  // every warp is past its last LUT read before the buffer is reused
@@ -366,7 +440,8 @@ lut_gemm(const T* __restrict__ x, long long x_row_stride,
 #pragma unroll
       for (int wi = 0; wi < WK; ++wi) sum += partial_sh[wi * kAccPerWarp + i];
       const int r = (i >> 5) & 3, mt = (i >> 7) % MT, nt = (i >> 7) / MT;
-      store(sum, nt, mt, r, i & 31);
+      const int2 nm = output_coord(tile0, m0, nt, mt, r, i & 31);
+      if (nm.x < N && nm.y < M) store(nm.x, nm.y, sum);
     }
   }
 }

@@ -67,7 +67,7 @@ def qgemm(x, packed: PackedWeight, out=None, config: TileConfig | None = None):
     props = device_properties(mat.device)
     tile = config or select_config(
         mat.m, packed.n, packed.k, packed.bits, packed.kernel_group, packed.dtype,
-        props["multiProcessorCount"], device_name(mat.device), props["sharedMemPerBlockOptin"])
+        device_name(mat.device), props["sharedMemPerBlockOptin"])
     grid = (-(-mat.m // tile.block_m), -(-packed.n_tiles // tile.nt), 1)
     if grid[1] > _MAX_GRID_Y:
         raise ValueError(f"N = {packed.n} needs {grid[1]} CTA rows, more than CUDA's {_MAX_GRID_Y}")

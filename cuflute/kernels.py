@@ -22,19 +22,22 @@ _PACKAGE = Path(__file__).resolve().parent
 CUDA_SRC = next(p for p in (_PACKAGE / "cuda_src", _PACKAGE.parent / "cuda_src") if p.is_dir())
 KERNEL_GROUPS = SUPPORTED_GROUP_SIZES + (0,)  # 0: one group per row
 TARGET_ARCHS = (80, 86, 89, 90)
-# The shared-memory shape of cuda_src/lut_gemm.cuh, passed to it as -D options.
+# The pair LUT's copies in shared memory (cuda_src/lut_gemm.cuh), passed to it as a -D option.
 LUT_COPIES = 32
-PIPELINE_STAGES = 2
 _CXX_TYPE = {"float16": "__half", "bfloat16": "__nv_bfloat16"}
+# One header per kernel family; every specialization of every family compiles from one source.
+KERNEL_HEADERS = ("lut_gemm.cuh",)
 
 
 @dataclass(frozen=True, order=True)
 class TileConfig:
-    """A CTA shape: NT 16-row n tiles per warp, MT 8-column m tiles, WK warps splitting K."""
+    """A CTA shape: NT 16-row n tiles per warp, MT 8-column m tiles, WK warps splitting K, each
+    warp's cp.async pipeline STAGES chunks deep."""
 
     nt: int
     mt: int
     wk: int
+    stages: int = 2
 
     @property
     def block_m(self) -> int:
@@ -45,24 +48,37 @@ class TileConfig:
         return 32 * self.wk
 
     def __str__(self) -> str:
-        return f"nt{self.nt}_mt{self.mt}_wk{self.wk}"
+        return f"nt{self.nt}_mt{self.mt}_wk{self.wk}_s{self.stages}"
 
 
 # For compilation time, only the shapes that the dispatcher and the tuner use are instantiated.
 TILE_CONFIGS = (
     TileConfig(nt=1, mt=1, wk=8),
+    TileConfig(nt=1, mt=1, wk=8, stages=3),
     TileConfig(nt=2, mt=1, wk=8),
     TileConfig(nt=1, mt=1, wk=4),
     TileConfig(nt=1, mt=2, wk=4),
     TileConfig(nt=1, mt=2, wk=8),
     TileConfig(nt=2, mt=2, wk=4),
+    TileConfig(nt=1, mt=4, wk=4),
+    TileConfig(nt=2, mt=4, wk=4),
 )
 
 
+def tile_config_from_name(text: str) -> TileConfig:
+    """'nt2_mt1_wk8_s3' -> TileConfig(2, 1, 8, 3), whether or not it is one of TILE_CONFIGS."""
+    match = re.fullmatch(r"nt(\d+)_mt(\d+)_wk(\d+)_s(\d+)", text.strip())
+    if not match:
+        raise ValueError(f"tile config must look like nt2_mt1_wk8_s3, got {text!r}")
+    return TileConfig(*(int(v) for v in match.groups()))
+
+
 def parse_tile_config(text: str) -> TileConfig:
-    """'nt2_mt1_wk8' -> TileConfig(2, 1, 8), one of TILE_CONFIGS."""
-    match = re.fullmatch(r"nt(\d+)_mt(\d+)_wk(\d+)", text.strip())
-    config = match and TileConfig(*(int(v) for v in match.groups()))
+    """A config name (see tile_config_from_name) that is one of TILE_CONFIGS."""
+    try:
+        config = tile_config_from_name(text)
+    except ValueError:
+        config = None
     if config not in TILE_CONFIGS:
         raise ValueError(f"tile config must be one of {[str(c) for c in TILE_CONFIGS]}, got {text!r}")
     return config
@@ -87,19 +103,20 @@ class KernelSpec:
 
     @property
     def shared_bytes(self) -> int:
-        """Dynamic shared memory of a CTA: cuda_src/lut_gemm.cuh's SharedLayout::kBytes."""
+        """Dynamic shared memory of a CTA: cuda_src/lut_gemm.cuh's SharedLayout."""
         t = self.tile
         lut = 4**self.bits * LUT_COPIES * 4
         groups_per_chunk = 1 if self.group == 0 else CHUNK_K // self.group
         warp_stage = 32 * (16 * t.nt * self.bits + 4 * t.nt * groups_per_chunk)
+        pipeline = lut + t.stages * t.wk * warp_stage
         partial = t.wk * t.nt * t.mt * 4 * 32 * 4 if t.wk > 1 else 0
-        return max(lut + PIPELINE_STAGES * t.wk * warp_stage, partial)
+        return max(pipeline, partial)
 
     @property
     def name_expression(self) -> str:
         t = self.tile
         return (f"cuflute::lut_gemm<{self.bits}, {self.group}, {_CXX_TYPE[self.dtype]}, "
-                f"{t.nt}, {t.mt}, {t.wk}>")
+                f"{t.nt}, {t.mt}, {t.wk}, {t.stages}>")
 
 
 def all_specs() -> list[KernelSpec]:
@@ -109,20 +126,19 @@ def all_specs() -> list[KernelSpec]:
 
 @lru_cache(maxsize=None)
 def source() -> str:
-    """The translation unit: a hash line of all of cuda_src/ (for caches), then the include."""
+    """The translation unit: a hash line of all of cuda_src/ (for caches), then the includes."""
     from . import __version__
 
     digest = hashlib.sha256()
     for path in sorted(CUDA_SRC.glob("*.cuh")):
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
-    return (f"// cuflute {__version__}, cuda_src sha256 {digest.hexdigest()}\n"
-            f'#include "lut_gemm.cuh"\n')
+    includes = "".join(f'#include "{header}"\n' for header in KERNEL_HEADERS)
+    return f"// cuflute {__version__}, cuda_src sha256 {digest.hexdigest()}\n{includes}"
 
 
 def compile_options() -> tuple[str, ...]:
-    return ("-std=c++17", f"-I{CUDA_SRC}", f"-DCUFLUTE_LUT_COPIES={LUT_COPIES}",
-            f"-DCUFLUTE_PIPELINE_STAGES={PIPELINE_STAGES}")
+    return ("-std=c++17", f"-I{CUDA_SRC}", f"-DCUFLUTE_LUT_COPIES={LUT_COPIES}")
 
 
 @lru_cache(maxsize=None)
@@ -200,8 +216,9 @@ def parse_ptxas_log(log: str) -> list[ResourceUsage]:
     return usages
 
 
-def nvrtc_compile(specs, arch: int) -> list[ResourceUsage]:
-    """Compile ``specs`` to sm_``arch`` machine code in one NVRTC program; no GPU needed."""
+def nvrtc_compile(specs, arch: int, cubin_path: str | None = None) -> list[ResourceUsage]:
+    """Compile ``specs`` to sm_``arch`` machine code in one NVRTC program; no GPU needed.
+    ``cubin_path``: also write the machine code there (for cuobjdump)."""
     from cupy_backends.cuda.libs import nvrtc
 
     specs = list(specs)
@@ -216,6 +233,8 @@ def nvrtc_compile(specs, arch: int) -> list[ResourceUsage]:
             raise RuntimeError(f"NVRTC failed for sm_{arch}:\n{nvrtc.getProgramLog(program)}") from error
         lowered = {nvrtc.getLoweredName(program, s.name_expression): s for s in specs}
         usages = parse_ptxas_log(nvrtc.getProgramLog(program))
+        if cubin_path:
+            Path(cubin_path).write_bytes(nvrtc.getCUBIN(program))
     finally:
         nvrtc.destroyProgram(program)
     by_name = {lowered[u.name].name_expression: replace(u, name=lowered[u.name].name_expression)

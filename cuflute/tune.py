@@ -10,7 +10,7 @@ A sweep file::
     group_sizes: [128]                        # or "channel" for one group per row
     dtypes: [float16]
     m_buckets: [1, 4, 16, 32, 64, 128]
-    candidates: all                           # or a list like [nt1_mt1_wk8, nt2_mt1_wk8]
+    candidates: all                           # or a list like [nt1_mt1_wk8_s2, nt2_mt2_wk4_s2]
 """
 from __future__ import annotations
 
@@ -74,12 +74,18 @@ def load_sweep(path: str | Path) -> Sweep:
                  dtypes=tuple(_as_list(doc, "dtypes")), m_buckets=m_buckets, candidates=configs)
 
 
+def useful_at(config: TileConfig, m: int) -> bool:
+    """Whether timing ``config`` at ``m`` rows can pay: an m tile more than twice the rows (or
+    wider than 8 at all when m <= 4) only multiplies by padding."""
+    return config.block_m <= max(8, 2 * m)
+
+
 def _rel_error(y: np.ndarray, ref: np.ndarray) -> float:
     return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
 
 
 def tune_problem(n, k, bits, group_size, dtype, sweep: Sweep, rotate_bytes, replays, bar,
-                 sm_count: int, max_shared_bytes: int) -> list[dict]:
+                 max_shared_bytes: int) -> list[dict]:
     """The winning config of each M bucket for one weight shape; failures are errors."""
     import torch
 
@@ -99,7 +105,7 @@ def tune_problem(n, k, bits, group_size, dtype, sweep: Sweep, rotate_bytes, repl
         x = torch.randn(m, k, dtype=getattr(torch, dtype), device="cuda")
         ref = reference.qgemm(x.double().cpu().numpy(), sample)
         times = {}
-        for config in fitting:
+        for config in [c for c in fitting if useful_at(c, m)]:
             bar.set_description(f"{n}x{k} {bits}-bit M={m} {config}")
             y = qgemm(x, weights[0], config=config)[:, torch.as_tensor(rows, device="cuda")]
             err = _rel_error(y.double().cpu().numpy(), ref)
@@ -110,7 +116,7 @@ def tune_problem(n, k, bits, group_size, dtype, sweep: Sweep, rotate_bytes, repl
             times[config] = bench.time_graph_us(calls, replays)
         bar.update(len(sweep.candidates))
         best = min(times, key=times.get)
-        heuristic_us = times.get(heuristic_config(m, n, sm_count))
+        heuristic_us = times.get(heuristic_config(m))
         entries.append({"bits": bits, "group": group_arg, "dtype": dtype,
                         "n": n, "k": k, "m": m, "config": str(best), "us": round(times[best], 2),
                         "heuristic_us": None if heuristic_us is None else round(heuristic_us, 2)})
@@ -129,7 +135,7 @@ def run_sweep(sweep: Sweep, rotate_bytes: int | None, replays: int) -> dict:
     bar = bench.progress_bar(len(problems) * len(sweep.m_buckets) * len(sweep.candidates))
     entries = []
     for problem in problems:
-        entries += tune_problem(*problem, sweep, rotate, replays, bar, props.multi_processor_count,
+        entries += tune_problem(*problem, sweep, rotate, replays, bar,
                                 device_properties(torch.cuda.current_device())["sharedMemPerBlockOptin"])
     bar.close()
     return {"gpu": props.name, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),

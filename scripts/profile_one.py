@@ -1,4 +1,8 @@
-"""One qgemm launch to profile under ncu: python scripts/profile_one.py N K M BITS [CONFIG]."""
+"""Three qgemm launches of one problem, to profile under ncu (the third is the one to read):
+
+ncu --clock-control none -k regex:lut_gemm --launch-skip 2 --launch-count 1 \
+    python scripts/profile_one.py N K M BITS [CONFIG]
+"""
 import sys
 
 import torch

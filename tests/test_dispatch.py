@@ -13,9 +13,10 @@ def test_heuristic_covers_every_m(m, n):
     assert tile.block_m <= max(8, 2 * m), f"{m=} {n=} {tile}"
 
 
-def test_heuristic_widens_only_with_many_tiles():
-    assert heuristic_config(1, 4096, 132).nt == 1
-    assert heuristic_config(1, 57344, 132).nt == 2
+def test_heuristic_m_tiles_follow_m():
+    assert heuristic_config(1).block_m == heuristic_config(8).block_m == 8
+    assert heuristic_config(9).block_m == heuristic_config(16).block_m == 16
+    assert heuristic_config(17).block_m == heuristic_config(300).block_m == 32
 
 
 def test_kernel_spec_validation():
@@ -29,12 +30,16 @@ def test_kernel_spec_validation():
 
 def test_name_expression_and_count():
     spec = KernelSpec(3, 0, "bfloat16", TileConfig(2, 2, 4))
-    assert spec.name_expression == "cuflute::lut_gemm<3, 0, __nv_bfloat16, 2, 2, 4>"
+    assert spec.name_expression == "cuflute::lut_gemm<3, 0, __nv_bfloat16, 2, 2, 4, 2>"
+    deep = KernelSpec(4, 128, "float16", TileConfig(1, 1, 8, 3))
+    assert deep.name_expression == "cuflute::lut_gemm<4, 128, __half, 1, 1, 8, 3>"
     assert len(all_specs()) == 3 * 5 * 2 * len(TILE_CONFIGS)
 
 
 def test_parse_tile_config():
-    assert parse_tile_config("nt2_mt2_wk4") == TileConfig(2, 2, 4)
+    assert parse_tile_config("nt2_mt2_wk4_s2") == TileConfig(2, 2, 4)
+    assert parse_tile_config("nt1_mt1_wk8_s3") == TileConfig(1, 1, 8, 3)
+    assert all(parse_tile_config(str(c)) == c for c in TILE_CONFIGS)
     with pytest.raises(ValueError, match="tile config must be one of"):
         parse_tile_config("nt3_mt3_wk3")
     with pytest.raises(ValueError, match="tile config must be one of"):
@@ -48,17 +53,17 @@ def test_gpu_slug():
 def test_tuned_table_overrides_the_heuristic(tmp_path, monkeypatch):
     (tmp_path / "test-gpu.yaml").write_text(
         "gpu: Test GPU\nentries:\n"
-        "- {bits: 4, group: 128, dtype: float16, n: 4096, k: 4096, m: 4, config: nt2_mt1_wk8, us: 1.0}\n"
-        "- {bits: 4, group: 128, dtype: float16, n: 4096, k: 4096, m: 32, config: nt2_mt2_wk4, us: 2.0}\n")
+        "- {bits: 4, group: 128, dtype: float16, n: 4096, k: 4096, m: 4, config: nt2_mt1_wk8_s2, us: 1.0}\n"
+        "- {bits: 4, group: 128, dtype: float16, n: 4096, k: 4096, m: 32, config: nt2_mt2_wk4_s2, us: 2.0}\n")
     monkeypatch.setenv("CUFLUTE_TUNING_DIR", str(tmp_path))
     dispatch.tuned_table.cache_clear()
     try:
         pick = lambda m, n=4096: select_config(m, n, 4096, 4, 128, "float16", gpu_name="Test GPU")
         assert pick(1) == pick(4) == TileConfig(2, 1, 8)  # smallest bucket at or above m
         assert pick(5) == pick(32) == pick(1000) == TileConfig(2, 2, 4)  # largest past the end
-        assert pick(1, n=8192) == heuristic_config(1, 8192, 132)  # untuned shape: heuristic
+        assert pick(1, n=8192) == heuristic_config(1)  # untuned shape: heuristic
         assert select_config(1, 4096, 4096, 4, 128, "float16", gpu_name="Other GPU") == \
-            heuristic_config(1, 4096, 132)
+            heuristic_config(1)
     finally:
         dispatch.tuned_table.cache_clear()
 

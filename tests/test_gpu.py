@@ -11,6 +11,7 @@ import pytest
 
 import cuflute
 from cuflute import dtypes, reference
+from cuflute.kernels import TILE_CONFIGS
 
 pytestmark = pytest.mark.gpu
 torch = pytest.importorskip("torch") if cuflute.gpu_available() else None
@@ -60,6 +61,24 @@ def test_kernel_matches_reference(bits, group_size, dtype, n, k):
         assert np.all(np.isfinite(y64)), f"unwritten or non-finite outputs: {where}"
         err = _rel_error(y64, x64 @ w64.T)
         assert err < REL_ERROR_BOUND[dtype], f"rel error {err:.2e}: {where}"
+
+
+@pytest.mark.parametrize("config", TILE_CONFIGS, ids=str)
+@pytest.mark.parametrize("bits, group_size", [(3, 32), (4, None), (2, 128)])
+@pytest.mark.parametrize("n, k", [(24, 256), (1000, 1280), (200, 8192)])
+def test_every_tile_config_matches_reference(config, bits, group_size, n, k):
+    """Each config forced (the dispatcher only picks some), with fewer chunks than warps
+    (K = 256), a ragged last tile (N = 1000) and long rows (K = 8192)."""
+    packed, w64 = _weight(n, k, bits, group_size, "float16")
+    for m in (1, 9, 17, 40):
+        x64 = _random_x(m, k, "float16", seed=zlib.crc32(repr((m, n, str(config))).encode()))
+        out = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
+        y = cuflute.qgemm(_to_torch(x64, "float16"), packed, out=out, config=config)
+        y64 = y.double().cpu().numpy()
+        where = f"{config} {bits=} group={group_size} {m=} {n=} {k=}"
+        assert np.all(np.isfinite(y64)), f"unwritten or non-finite outputs: {where}"
+        err = _rel_error(y64, x64 @ w64.T)
+        assert err < REL_ERROR_BOUND["float16"], f"rel error {err:.2e}: {where}"
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from cuflute.kernels import TILE_CONFIGS, TileConfig
-from cuflute.tune import load_sweep
+from cuflute.tune import load_sweep, useful_at
 
 SWEEPS = Path(__file__).resolve().parent.parent / "tuning" / "sweeps"
 
@@ -26,10 +26,10 @@ BASE = ("shapes: [[64, 256]]\nbits: [4]\ngroup_sizes: [128, channel]\ndtypes: [f
 
 
 def test_sweep_fields(tmp_path):
-    sweep = load_sweep(_write(tmp_path, BASE + "candidates: [nt1_mt1_wk8, nt2_mt2_wk4]\n"))
+    sweep = load_sweep(_write(tmp_path, BASE + "candidates: [nt1_mt1_wk8_s3, nt2_mt2_wk4_s2]\n"))
     assert sweep.name == "s" and sweep.shapes == ((64, 256),) and sweep.m_buckets == (1, 16)
     assert sweep.group_sizes == (128, "channel")
-    assert sweep.candidates == (TileConfig(1, 1, 8), TileConfig(2, 2, 4))
+    assert sweep.candidates == (TileConfig(1, 1, 8, 3), TileConfig(2, 2, 4))
     assert load_sweep(_write(tmp_path, BASE)).candidates == TILE_CONFIGS
 
 
@@ -48,4 +48,10 @@ def test_sweep_errors(tmp_path, replace, match):
 
 def test_unknown_candidate(tmp_path):
     with pytest.raises(ValueError, match="tile config must be one of"):
-        load_sweep(_write(tmp_path, BASE + "candidates: [nt9_mt9_wk9]\n"))
+        load_sweep(_write(tmp_path, BASE + "candidates: [nt9_mt9_wk9_s2]\n"))
+
+
+def test_useful_at_prunes_wide_m_tiles_for_small_m():
+    wide = TileConfig(1, 4, 4)
+    assert not useful_at(wide, 1) and not useful_at(wide, 15) and useful_at(wide, 16)
+    assert all(useful_at(c, m) for c in TILE_CONFIGS if c.mt == 1 for m in (1, 4, 128))
