@@ -7,6 +7,9 @@ call are the packed weight (qweight + scales + pair LUT) plus activations ``M*K*
 output ``M*N*2``; the roofline fraction divides the achieved bandwidth by the
 device-to-device copy bandwidth measured at the start of the same run (bytes read + written).
 
+BCQ (cuflute.bcq, LUT-GEMM's binary-coding kernel) at the same bits is timed the same way on
+the same shapes and M, up to its M <= 8; its columns show "-" past that.
+
 Without a GPU it says what it skipped and prints the byte floor at a nominal bandwidth.
 """
 from __future__ import annotations
@@ -26,6 +29,10 @@ from functools import partial
 from . import __version__, gpu_available, qgemm
 from .dtypes import DTYPES
 from .formats import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+from .bcq import MAX_M as BCQ_MAX_M
+from .bcq import gemm as bcq_gemm
+from .bcq import random_packed as bcq_random_packed
+from .bcq.packing import packed_nbytes as bcq_packed_nbytes
 from .packing import packed_nbytes, random_packed
 
 # (N, K) of the linear layers of Llama-3-8B, then Llama-3-70B:
@@ -117,6 +124,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="timed graph replays per measurement (default: %(default)s)")
     parser.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
                         help="also time " + " and ".join(PEERS) + " where they import")
+    parser.add_argument("--bcq", action=argparse.BooleanOptionalAction, default=True,
+                        help=f"also time cuflute.bcq (binary-coding LUT-GEMM) at the same bits, "
+                             f"for M <= {BCQ_MAX_M}")
     parser.add_argument("--json", metavar="PATH", help="write metadata, rows and summary as JSON")
     parser.add_argument("--csv", metavar="PATH", help="write one CSV line per shape, M and bits")
     parser.add_argument("--markdown", metavar="PATH",
@@ -160,6 +170,8 @@ class Row:
     torch_int4_x: float | None  # baseline_us / torch_int4_us
     bnb_nf4_us: float | None
     bnb_nf4_x: float | None
+    bcq_us: float | None  # cuflute.bcq at the same bits; None: not run or M past its range
+    bcq_x: float | None  # baseline_us / bcq_us
 
 
 def peer_field(peer: str) -> str:
@@ -168,7 +180,8 @@ def peer_field(peer: str) -> str:
 
 
 def make_row(n: int, k: int, m: int, bits: int, group_size: int, dtype: str, us: float,
-             baseline_us: float, peer_us: dict[str, float], copy_gbps: float) -> Row:
+             baseline_us: float, peer_us: dict[str, float], copy_gbps: float,
+             bcq_us: float | None = None) -> Row:
     """A Row with the derived numbers; peer_us holds the peers that ran at this shape and M."""
     nbytes = call_bytes(n, k, m, bits, group_size)
     gbps = nbytes / us / 1e3
@@ -179,7 +192,8 @@ def make_row(n: int, k: int, m: int, bits: int, group_size: int, dtype: str, us:
         peers[f"{peer_field(peer)}_x"] = None if t is None else baseline_us / t
     return Row(n=n, k=k, m=m, bits=bits, group_size=group_size, dtype=dtype, bytes=nbytes,
                us=us, gbps=gbps, roofline=gbps / copy_gbps, baseline_us=baseline_us,
-               speedup=baseline_us / us, **peers)
+               speedup=baseline_us / us, **peers, bcq_us=bcq_us,
+               bcq_x=None if bcq_us is None else baseline_us / bcq_us)
 
 
 def median_or_none(values) -> float | None:
@@ -198,6 +212,7 @@ def summarize(rows: list[Row]) -> list[dict]:
         for peer in PEERS:
             key = f"{peer_field(peer)}_x"
             entry[key] = median_or_none(getattr(r, key) for r in group)
+        entry["bcq_x"] = median_or_none(r.bcq_x for r in group)
         summary.append(entry)
     return summary
 
@@ -208,16 +223,20 @@ def fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def result_table(rows: list[Row], dtype: str, peers: list[str]):
-    """(header, cells) of the main table; peers: the peer columns to show."""
+def result_table(rows: list[Row], dtype: str, peers: list[str], bcq: bool = False):
+    """(header, cells) of the main table; peers: the peer columns to show; bcq: show BCQ's."""
     base = SHORT_DTYPE[dtype]
     header = ["N", "K", "M", "bits", "us", "GB/s", "roofline", f"{base} us", f"x {base}"]
+    if bcq:
+        header += ["bcq us", "bcq x"]
     for peer in peers:
         header += [f"{peer} us", f"{peer} x"]
     cells = []
     for r in rows:
         line = [str(r.n), str(r.k), str(r.m), str(r.bits), fmt(r.us, ".1f"), fmt(r.gbps, ".0f"),
                 fmt(r.roofline, ".2f"), fmt(r.baseline_us, ".1f"), fmt(r.speedup, ".2f")]
+        if bcq:
+            line += [fmt(r.bcq_us, ".1f"), fmt(r.bcq_x, ".2f")]
         for peer in peers:
             line += [fmt(getattr(r, f"{peer_field(peer)}_us"), ".1f"),
                      fmt(getattr(r, f"{peer_field(peer)}_x"), ".2f")]
@@ -225,11 +244,13 @@ def result_table(rows: list[Row], dtype: str, peers: list[str]):
     return header, cells
 
 
-def summary_table(summary: list[dict], dtype: str, peers: list[str]):
+def summary_table(summary: list[dict], dtype: str, peers: list[str], bcq: bool = False):
     """(header, cells) of the medians over shapes per M and bits."""
     base = SHORT_DTYPE[dtype]
-    header = ["M", "bits", f"x {base}", "roofline"] + [f"{peer} x" for peer in peers]
+    header = (["M", "bits", f"x {base}", "roofline"] + (["bcq x"] if bcq else [])
+              + [f"{peer} x" for peer in peers])
     cells = [[str(s["m"]), str(s["bits"]), fmt(s["speedup"], ".2f"), fmt(s["roofline"], ".2f")]
+             + ([fmt(s["bcq_x"], ".2f")] if bcq else [])
              + [fmt(s[f"{peer_field(peer)}_x"], ".2f") for peer in peers] for s in summary]
     return header, cells
 
@@ -275,6 +296,7 @@ class RunInfo:
     replays: int
     peers: list  # the peers tried
     unavailable: dict  # peer -> why it has no numbers
+    bcq: bool = False  # whether cuflute.bcq was timed beside
 
 
 def rows_csv(rows: list[Row]) -> str:
@@ -306,11 +328,11 @@ def markdown_report(info: RunInfo, rows: list[Row]) -> str:
         "CUDA-graph replays",
         "- roofline = (packed weight + activations + output bytes) / time / copy bandwidth",
         "",
-        render_markdown(*result_table(rows, info.dtype, info.peers)),
+        render_markdown(*result_table(rows, info.dtype, info.peers, info.bcq)),
         "",
         "## Median over the shapes",
         "",
-        render_markdown(*summary_table(summarize(rows), info.dtype, info.peers)),
+        render_markdown(*summary_table(summarize(rows), info.dtype, info.peers, info.bcq)),
     ]
     if info.unavailable:
         lines.append("")
@@ -478,6 +500,19 @@ def bnb_nf4_calls(n, k, group_size, dtype, copies):
     return make_calls
 
 
+def bcq_calls(n, k, bits, group_size, dtype, copies):
+    """make_calls(x) for cuflute.bcq over `copies` distinct random packed BCQ weights."""
+    import torch
+
+    device = torch.cuda.current_device()
+    weights = [bcq_random_packed(n, k, bits, group_size, dtype, device=device, seed=seed)
+               for seed in range(copies)]
+
+    def make_calls(x):
+        return [partial(bcq_gemm, x, w, out=x.new_empty((x.shape[0], n))) for w in weights]
+    return make_calls
+
+
 def time_method(make_calls, xs: dict, replays: int, bar, label: str) -> dict[int, float]:
     """{M: median us per call}; make_calls(x) gives one call per weight copy."""
     times = {}
@@ -549,7 +584,8 @@ def benchmark(args: argparse.Namespace) -> tuple[RunInfo, list[Row]]:
     release_memory()
     peers, unavailable = importable_peers() if args.peers else ([], {})
     base = SHORT_DTYPE[args.dtype]
-    bar = progress_bar(len(args.shapes) * (1 + len(args.bits) + len(peers)))
+    bcq_ms = [m for m in args.m if m <= BCQ_MAX_M] if args.bcq else []
+    bar = progress_bar(len(args.shapes) * (1 + len(args.bits) * (1 + bool(bcq_ms)) + len(peers)))
     rows = []
     for n, k in args.shapes:
         four_bit = rotation_copies(rotate, n * k // 2)
@@ -573,10 +609,18 @@ def benchmark(args: argparse.Namespace) -> tuple[RunInfo, list[Row]]:
                 cuflute_calls(n, k, bits, args.group_size, args.dtype, copies),
                 xs, args.replays, bar, f"{label} cuflute {bits}-bit")
             release_memory()
+        bcq = {}
+        for bits in args.bits if bcq_ms else []:
+            copies = rotation_copies(rotate, bcq_packed_nbytes(n, k, bits, args.group_size))
+            bcq[bits] = time_method(
+                bcq_calls(n, k, bits, args.group_size, args.dtype, copies),
+                {m: xs[m] for m in bcq_ms}, args.replays, bar, f"{label} cuflute.bcq {bits}-bit")
+            release_memory()
         for m in args.m:
             at_m = {peer: times[m] for peer, times in peer_us.items() if m in times}
             rows += [make_row(n, k, m, bits, args.group_size, args.dtype, ours[bits][m],
-                              baseline[m], at_m, copy_gbps) for bits in args.bits]
+                              baseline[m], at_m, copy_gbps, bcq.get(bits, {}).get(m))
+                     for bits in args.bits]
         del xs
         release_memory()
     bar.close()
@@ -585,14 +629,15 @@ def benchmark(args: argparse.Namespace) -> tuple[RunInfo, list[Row]]:
                    date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                    versions=package_versions(), dtype=args.dtype, group_size=args.group_size,
                    rotate_bytes=rotate, replays=args.replays, peers=peers,
-                   unavailable=unavailable)
+                   unavailable=unavailable, bcq=args.bcq)
     return info, rows
 
 
 # ----------------------------------------------------------------------------- entry points
 
 def print_without_gpu(args: argparse.Namespace, reason: str) -> None:
-    methods = ["cuflute", "cuBLAS"] + (list(PEERS) if args.peers else [])
+    methods = (["cuflute", "cuBLAS"] + (list(PEERS) if args.peers else [])
+               + (["cuflute.bcq"] if args.bcq else []))
     files = [path for path in (args.json, args.csv, args.markdown) if path]
     print(f"No GPU available: {reason}.")
     print(f"Skipped the copy-bandwidth measurement and all timings ({', '.join(methods)}).")
@@ -612,10 +657,10 @@ def run(args: argparse.Namespace) -> int:
         print_without_gpu(args, reason)
         return 0
     info, rows = benchmark(args)
-    print(render_text(*result_table(rows, info.dtype, info.peers)))
+    print(render_text(*result_table(rows, info.dtype, info.peers, info.bcq)))
     print()
     print("Median over the shapes:")
-    print(render_text(*summary_table(summarize(rows), info.dtype, info.peers)))
+    print(render_text(*summary_table(summarize(rows), info.dtype, info.peers, info.bcq)))
     for peer, why in info.unavailable.items():
         print(f"{peer}: unavailable ({why})")
     print(f"{info.gpu}; copy bandwidth measured {info.copy_gbps:.0f} GB/s; roofline = bytes / "

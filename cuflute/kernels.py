@@ -26,7 +26,7 @@ TARGET_ARCHS = (80, 86, 89, 90)
 LUT_COPIES = 32
 _CXX_TYPE = {"float16": "__half", "bfloat16": "__nv_bfloat16"}
 # One header per kernel family; every specialization of every family compiles from one source.
-KERNEL_HEADERS = ("lut_gemm.cuh",)
+KERNEL_HEADERS = ("lut_gemm.cuh", "bcq_gemv.cuh")
 
 
 @dataclass(frozen=True, order=True)

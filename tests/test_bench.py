@@ -26,6 +26,7 @@ def test_defaults_are_the_llama3_layers_and_issue_settings():
     assert args.bits == [4, 3]
     assert (args.group_size, args.dtype, args.peers) == (128, "float16", True)
     assert args.rotate_bytes is None  # resolved to 2 x L2 on the GPU
+    assert args.bcq is True and parse("--no-bcq").bcq is False
     assert args.json is args.csv is args.markdown is None
 
 
@@ -161,6 +162,34 @@ def test_csv_json_and_markdown_outputs():
         assert expected in report, expected
 
 
+def test_bcq_columns_beside_the_lut_kernel_with_a_dash_past_its_range():
+    rows = [bench.make_row(4096, 4096, 1, 4, 128, "float16", 10.0, 30.0, {"torch-int4": 15.0},
+                           3000.0, bcq_us=12.0),
+            row(m=16, us=20.0, baseline_us=30.0)]
+    assert rows[0].bcq_us == 12.0 and rows[0].bcq_x == pytest.approx(2.5)
+    assert rows[1].bcq_us is None and rows[1].bcq_x is None
+    header, cells = bench.result_table(rows, "float16", ["torch-int4"], bcq=True)
+    assert header[7:] == ["fp16 us", "x fp16", "bcq us", "bcq x", "torch-int4 us", "torch-int4 x"]
+    assert cells[0][9:11] == ["12.0", "2.50"] and cells[1][9:11] == ["-", "-"]
+    assert bench.result_table(rows, "float16", [])[0][-1] == "x fp16"  # no BCQ columns
+    summary = bench.summarize(rows)
+    assert summary[0]["bcq_x"] == pytest.approx(2.5) and summary[1]["bcq_x"] is None
+    s_header, s_cells = bench.summary_table(summary, "float16", [], bcq=True)
+    assert s_header == ["M", "bits", "x fp16", "roofline", "bcq x"] and s_cells[1][-1] == "-"
+    report = bench.markdown_report(info(bcq=True), rows)
+    assert "| bcq us | bcq x |" in report and "| bcq x |" in report.split("## Median")[1]
+    assert float(list(csv.DictReader(io.StringIO(bench.rows_csv(rows))))[0]["bcq_x"]) == 2.5
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("n, k", [(4096, 4096), (40, 1000)])
+def test_bcq_bytes_match_its_packer(n, k, bits):
+    from cuflute import bcq
+    from cuflute.bcq.packing import packed_nbytes as bcq_nbytes
+
+    assert bcq.random_packed(n, k, bits, 128).nbytes == bcq_nbytes(n, k, bits, 128), f"{n=} {k=}"
+
+
 def test_write_atomically_replaces_the_file(tmp_path):
     path = tmp_path / "out.json"
     path.write_text("old")
@@ -181,7 +210,7 @@ def test_without_a_gpu_it_explains_prints_the_nominal_floor_and_exits_0(
     assert bench.run(args) == 0
     out = capsys.readouterr().out
     assert "No GPU available: no CUDA GPU here." in out
-    assert "cuflute, cuBLAS, torch-int4, bnb-nf4" in out
+    assert "cuflute, cuBLAS, torch-int4, bnb-nf4, cuflute.bcq" in out
     assert f"Not written, since nothing was measured: {out_json}" in out
     assert "NOMINAL 3.0 TB/s" in out and "not measured" in out
     assert not out_json.exists()
