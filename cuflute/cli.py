@@ -1,4 +1,4 @@
-"""``python -m cuflute {bench,tune,compile,compile-check}``."""
+"""``python -m cuflute {bench,tune,compile,compile-check,eval-quality,quantize,e2e}``."""
 from __future__ import annotations
 
 import argparse
@@ -35,7 +35,7 @@ def _compile_check(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    from . import bench, tune
+    from . import bench, e2e, hf, quality, tune
 
     parser = argparse.ArgumentParser(prog="cuflute", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -59,6 +59,21 @@ def main(argv=None) -> int:
     check_parser.add_argument("--arch", type=int, action="append",
                               help="e.g. 90; repeatable (default: 80 86 89 90)")
     check_parser.set_defaults(run=_compile_check)
+
+    quality_parser = commands.add_parser(
+        "eval-quality", help="quantize all-MiniLM-L6-v2 with each method, report the errors")
+    quality.add_arguments(quality_parser)
+    quality_parser.set_defaults(run=quality.run)
+
+    quantize_parser = commands.add_parser(
+        "quantize", help="quantize a Hugging Face Llama checkpoint directory for cuflute")
+    hf.add_arguments(quantize_parser)
+    quantize_parser.set_defaults(run=hf.run)
+
+    e2e_parser = commands.add_parser(
+        "e2e", help="decoding tokens/s of a Llama-3-8B-shaped model, fp16 against cuflute")
+    e2e.add_arguments(e2e_parser)
+    e2e_parser.set_defaults(run=e2e.run)
 
     args = parser.parse_args(argv)
     return args.run(args)

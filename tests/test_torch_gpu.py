@@ -1,0 +1,210 @@
+"""GPU tier of the PyTorch integration: the custom op, QuantizedLinear against the float64
+reference, torch.compile(fullgraph=True) and CUDA-graph capture against eager, a bit-exact
+checkpoint round trip, and a tiny Hugging Face Llama quantized, loaded and run for generation.
+
+Fresh random inputs everywhere. The op allocates its output, so each module or op result is
+checked against ``cuflute.qgemm`` writing into a NaN-poisoned ``out=``, and graph outputs are
+poisoned with NaN before each replay.
+"""
+import numpy as np
+import pytest
+
+import cuflute
+from cuflute import reference
+
+pytestmark = pytest.mark.gpu
+torch = pytest.importorskip("torch") if cuflute.gpu_available() else None
+if torch is not None:
+    from torch import nn
+
+    from cuflute import checkpoint
+    from cuflute.torch import QuantizedLinear, quantize_model
+
+REL_ERROR_BOUND = reference.REL_ERROR_BOUND
+# A two-layer model in fp16 rounds every activation (norms, attention, MLP) on the way, so its
+# logits carry a few such roundings (~5e-4 relative each) against a float64 reference.
+MODEL_REL_ERROR_BOUND = 1e-2
+CASES = [(4, 128, "float16"), (3, 64, "bfloat16"), (4, None, "bfloat16")]
+MS = [1, 33]
+
+
+def _dtype(name):
+    return getattr(torch, name)
+
+
+def _linear(k, n, dtype, seed, bias=True):
+    torch.manual_seed(seed)
+    linear = nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        linear.weight.mul_(torch.rand(n, 1) + 0.5)
+        if bias:
+            linear.bias.normal_()
+    return linear.to(device="cuda", dtype=dtype)
+
+
+def _random_x(shape, dtype, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return torch.randn(shape, generator=g, device="cuda").to(dtype)
+
+
+def _poisoned_qgemm(x, layer):
+    """cuflute.qgemm into a NaN-filled out=, plus the bias: what the module must return."""
+    out = torch.full((*x.shape[:-1], layer.out_features), float("nan"), dtype=x.dtype, device="cuda")
+    cuflute.qgemm(x, layer.packed(), out=out)
+    return out if layer.bias is None else out.add_(layer.bias)
+
+
+def _rel_error(y, ref):
+    y, ref = y.double().cpu().numpy(), np.asarray(ref, dtype=np.float64)
+    return np.linalg.norm(y - ref) / np.linalg.norm(ref)
+
+
+def _reference(layer, x):
+    w64 = reference.dequantize(layer.packed().to_host())
+    y = x.double().cpu().numpy() @ w64.T
+    return y if layer.bias is None else y + layer.bias.double().cpu().numpy()
+
+
+@pytest.mark.parametrize("bits, group_size, dtype", CASES)
+def test_quantized_linear_matches_reference(bits, group_size, dtype):
+    k, n = 768, 200
+    layer = QuantizedLinear.from_linear(_linear(k, n, _dtype(dtype), seed=bits), bits, group_size)
+    for m in MS:
+        where = f"{bits=} {group_size=} {dtype} {m=} {n=} {k=}"
+        x = _random_x((2, m, k), _dtype(dtype), seed=m)
+        want = _poisoned_qgemm(x, layer)
+        assert torch.isfinite(want).all(), f"unwritten or non-finite outputs: {where}"
+        y = layer(x)
+        assert tuple(y.shape) == (2, m, n) and y.dtype == _dtype(dtype), where
+        assert torch.isfinite(y).all(), f"non-finite module outputs: {where}"
+        ref = _reference(layer, x)
+        for name, out in (("module", y), ("qgemm", want)):
+            err = _rel_error(out, ref)
+            assert err < REL_ERROR_BOUND[dtype], f"{name} rel error {err:.2e}: {where}"
+
+
+@pytest.mark.parametrize("bits, group_size, dtype", CASES)
+def test_op_matches_qgemm(bits, group_size, dtype):
+    k, n = 768, 200
+    layer = QuantizedLinear.from_linear(_linear(k, n, _dtype(dtype), seed=7, bias=False), bits, group_size)
+    for m in MS:
+        x = _random_x((m, k), _dtype(dtype), seed=100 + m)
+        want = _poisoned_qgemm(x, layer)
+        assert torch.isfinite(want).all(), f"{bits=} {group_size=} {dtype} {m=}"
+        got = torch.ops.cuflute.qgemm(x, layer.qweight, layer.scales, layer.pair_lut,
+                                      n, k,
+                                      bits, layer.group_size, _dtype(dtype))
+        assert tuple(got.shape) == (m, n) and torch.isfinite(got).all(), f"{bits=} {group_size=} {dtype} {m=}"
+        err = _rel_error(got, want.double().cpu().numpy())
+        assert err < REL_ERROR_BOUND[dtype], f"op vs qgemm rel error {err:.2e}: {bits=} {group_size=} {dtype} {m=}"
+
+
+def _mlp(dtype="float16", seed=0):
+    """Two quantized layers with an activation between, as in a transformer block."""
+    model = nn.Sequential(_linear(1024, 512, _dtype(dtype), seed), nn.SiLU(),
+                          _linear(512, 256, _dtype(dtype), seed + 1, bias=False))
+    quantize_model(model, bits=4, group_size=128, progress=False)
+    return model
+
+
+def test_compile_fullgraph_matches_eager():
+    model = _mlp()
+    compiled = torch.compile(model, fullgraph=True)
+    for m in MS:
+        x = _random_x((m, 1024), torch.float16, seed=200 + m)
+        eager = model(x)
+        got = compiled(x)
+        assert torch.isfinite(got).all(), f"{m=}"
+        err = _rel_error(got, eager.double().cpu().numpy())
+        assert err < REL_ERROR_BOUND["float16"], f"compiled vs eager rel error {err:.2e}, {m=}"
+    layer = model[2]  # the op alone
+    x = _random_x((MS[-1], 512), torch.float16, seed=300)
+    err = _rel_error(torch.compile(layer, fullgraph=True)(x), layer(x).double().cpu().numpy())
+    assert err < REL_ERROR_BOUND["float16"], f"compiled op vs eager rel error {err:.2e}"
+
+
+def test_cuda_graph_capture_matches_eager():
+    model = _mlp(seed=5)
+    for m in MS:
+        static_x = _random_x((m, 1024), torch.float16, seed=400 + m)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            model(static_x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = model(static_x)
+        for trial in range(3):
+            x = _random_x((m, 1024), torch.float16, seed=500 + 10 * m + trial)
+            static_x.copy_(x)
+            static_y.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.isfinite(static_y).all(), f"unwritten graph outputs: {m=} {trial=}"
+            assert torch.equal(static_y, model(x)), f"replay differs from eager: {m=} {trial=}"
+
+
+def test_checkpoint_round_trip_is_bit_exact_on_gpu(tmp_path):
+    model = _mlp(dtype="bfloat16", seed=11)
+    x = _random_x((5, 1024), torch.bfloat16, seed=600)
+    want = model(x)
+    path = tmp_path / "mlp.safetensors"
+    checkpoint.save(model, path)
+    fresh = nn.Sequential(_linear(1024, 512, torch.bfloat16, 21), nn.SiLU(),
+                          _linear(512, 256, torch.bfloat16, 22, bias=False))
+    assert checkpoint.load(fresh, path) == ["0", "2"]
+    for key, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    assert fresh[0].qweight.is_cuda
+    err = _rel_error(fresh(x), want.double().cpu().numpy())
+    assert err < REL_ERROR_BOUND["bfloat16"], f"loaded model vs original rel error {err:.2e}"
+
+
+def _dequantized_float64_copy(model):
+    """The same model in float64 on the CPU, each QuantizedLinear replaced by an nn.Linear
+    holding its dequantized weight (cuflute.reference)."""
+    import copy
+
+    ref = copy.deepcopy(model).to("cpu")
+    for name, m in list(ref.named_modules()):
+        if isinstance(m, QuantizedLinear):
+            linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+            linear.weight.data = torch.from_numpy(reference.dequantize(m.packed()))
+            if m.bias is not None:
+                linear.bias.data = m.bias.double()
+            ref.set_submodule(name, linear)
+    return ref.double()
+
+
+def test_hf_llama_quantize_load_and_generate(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from cuflute import hf
+    from cuflute.cli import main
+
+    config = transformers.LlamaConfig(
+        hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=300, max_position_embeddings=64, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).to(torch.float16).save_pretrained(tmp_path / "hf")
+    assert main(["quantize", str(tmp_path / "hf"), "--bits", "4", "--group-size", "128",
+                 "--out", str(tmp_path / "q")]) == 0
+
+    model = hf.load_quantized(tmp_path / "q", device="cuda")
+    assert isinstance(model.model.layers[0].self_attn.q_proj, QuantizedLinear)
+    ids = torch.randint(0, config.vocab_size, (2, 5), device="cuda")
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask).logits
+        ref = _dequantized_float64_copy(model)(ids.cpu()).logits
+    assert torch.isfinite(logits).all()
+    err = _rel_error(logits, ref.numpy())
+    assert err < MODEL_REL_ERROR_BOUND, f"logits rel error {err:.2e} against float64"
+
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=6,
+                         do_sample=False)
+    assert tuple(out.shape) == (2, 11) and torch.equal(out[:, :5], ids)
+    last = logits[:, -1].float()
+    chosen = last.gather(1, out[:, 5:6]).squeeze(1)
+    slack = 1e-2 * last.abs().max()  # generate recomputes the prompt; near-ties may swap
+    assert torch.all(chosen >= last.max(-1).values - slack), "first greedy token is not the argmax"
