@@ -95,15 +95,17 @@ class QuantizedWeight:
         return (w * self.scales.astype(np.float64)[:, :, None]).reshape(n, k)
 
 
-def quantize(weight, bits: int = 4, group_size: int | None = 128, table="nf") -> QuantizedWeight:
-    """Absmax-scaled, nearest-entry quantization of ``weight [N, K]``.
+def nearest_codes(normalized: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """uint8 codes of the table entry nearest each value (ties to the lower value)."""
+    order = np.argsort(table, kind="stable")
+    ascending = table[order]
+    midpoints = (ascending[1:] + ascending[:-1]) / 2
+    return order[np.searchsorted(midpoints, normalized, side="left")].astype(np.uint8)
 
-    ``group_size`` is one of 32, 64, 128, 256, or ``None`` (or ``K``) for one scale per row.
-    Each group's scale maps its largest magnitude onto the table's largest magnitude; each
-    element takes the code of the nearest table entry (ties to the lower value).
-    """
-    bits = _check_bits(bits)
-    values = resolve_table(table, bits)
+
+def check_weight(weight, group_size: int | None) -> tuple[np.ndarray, int]:
+    """``weight`` as a finite, non-empty, floating-point [N, K] array, and its group size
+    (``None``: K) checked against K; the errors name what was expected and what came."""
     w = np.asarray(weight)
     if w.ndim != 2:
         raise ValueError(f"weight must be 2-D [N, K], got shape {w.shape}")
@@ -120,20 +122,31 @@ def quantize(weight, bits: int = 4, group_size: int | None = 128, table="nf") ->
         )
     if k % group_size:
         raise ValueError(f"K = {k} is not divisible by group_size = {group_size}")
-    w = w.astype(np.float32, copy=False)
     if not np.all(np.isfinite(w)):
         bad = np.argwhere(~np.isfinite(w))[0]
         raise ValueError(f"weight has a non-finite value at [{bad[0]}, {bad[1]}]: {w[tuple(bad)]}")
+    return w, group_size
+
+
+def quantize(weight, bits: int = 4, group_size: int | None = 128, table="nf") -> QuantizedWeight:
+    """Absmax-scaled, nearest-entry quantization of ``weight [N, K]``.
+
+    ``group_size`` is one of 32, 64, 128, 256, or ``None`` (or ``K``) for one scale per row.
+    Each group's scale maps its largest magnitude onto the table's largest magnitude; each
+    element takes the code of the nearest table entry (ties to the lower value).
+    """
+    bits = _check_bits(bits)
+    values = resolve_table(table, bits)
+    w, group_size = check_weight(weight, group_size)
+    n, k = w.shape
+    w = w.astype(np.float32, copy=False)
 
     grouped = w.reshape(n, k // group_size, group_size)
     scales = np.abs(grouped).max(axis=2) / np.abs(values).max()
     safe = np.where(scales > 0, scales, 1.0)
     normalized = grouped / safe[:, :, None]
 
-    order = np.argsort(values, kind="stable")
-    ascending = values[order]
-    midpoints = (ascending[1:] + ascending[:-1]) / 2
-    codes = order[np.searchsorted(midpoints, normalized, side="left")].astype(np.uint8)
+    codes = nearest_codes(normalized, values)
     return QuantizedWeight(
         codes=codes.reshape(n, k),
         scales=scales.astype(np.float32),

@@ -24,18 +24,10 @@ from __future__ import annotations
 import numpy as np
 from tqdm import tqdm
 
-from .formats import QuantizedWeight, quantize
+from .formats import QuantizedWeight, nearest_codes, quantize
 
 DEFAULT_ITERATIONS = 4
 DEFAULT_DAMP = 0.01
-
-
-def nearest_codes(normalized: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """uint8 codes of the table entry nearest each value (ties to the lower value)."""
-    order = np.argsort(table, kind="stable")
-    ascending = table[order]
-    midpoints = (ascending[1:] + ascending[:-1]) / 2
-    return order[np.searchsorted(midpoints, normalized, side="left")].astype(np.uint8)
 
 
 def _check_inputs(weight: np.ndarray, x: np.ndarray) -> None:

@@ -62,13 +62,6 @@ def test_fit_scales_is_the_least_squares_solution():
         np.testing.assert_allclose(scales[row], expected, rtol=1e-8, err_msg=f"{row=}")
 
 
-def test_nearest_codes_agrees_with_the_quantizer():
-    w = np.random.default_rng(5).standard_normal((8, 64))
-    qw = quantize(w, 4, 32, "nf")
-    normalized = (w.reshape(8, 2, 32) / qw.scales[:, :, None]).reshape(8, 64)
-    assert np.array_equal(nfl.nearest_codes(normalized, qw.table), qw.codes)
-
-
 @pytest.mark.parametrize("bits", [4, 3])
 def test_rtn_zero_point_error_is_at_most_a_step(bits):
     w = np.random.default_rng(bits).standard_normal((16, 128)) + 0.3

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..formats import SUPPORTED_GROUP_SIZES, check_weight
+
 SUPPORTED_BITS = (1, 2, 3, 4)
-SUPPORTED_GROUP_SIZES = (32, 64, 128, 256)
 REFINE_ITERATIONS = 15
 # Rows are quantized in blocks of about this many weights, so that the 2**bits candidate
 # distances per weight stay a few hundred MB; groups are independent, so blocks change nothing.
@@ -60,26 +61,8 @@ def _combine(signs, alphas, offsets, group_size) -> np.ndarray:
 def _check_weight(weight, bits, group_size):
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
-    w = np.asarray(weight)
-    if w.ndim != 2:
-        raise ValueError(f"weight must be 2-D [N, K], got shape {w.shape}")
-    if not np.issubdtype(w.dtype, np.floating):
-        raise ValueError(f"weight must be floating point, got dtype {w.dtype}")
-    n, k = w.shape
-    if n == 0 or k == 0:
-        raise ValueError(f"weight must be non-empty, got shape {w.shape}")
-    if group_size is None:
-        group_size = k
-    if group_size != k and group_size not in SUPPORTED_GROUP_SIZES:
-        raise ValueError(f"group_size must be one of {SUPPORTED_GROUP_SIZES} or None "
-                         f"(per-channel), got {group_size!r}")
-    if k % group_size:
-        raise ValueError(f"K = {k} is not divisible by group_size = {group_size}")
-    w = w.astype(np.float64)
-    if not np.all(np.isfinite(w)):
-        bad = np.argwhere(~np.isfinite(w))[0]
-        raise ValueError(f"weight has a non-finite value at [{bad[0]}, {bad[1]}]: {w[tuple(bad)]}")
-    return w, group_size
+    w, group_size = check_weight(weight, group_size)
+    return w.astype(np.float64), group_size
 
 
 def _greedy(groups: np.ndarray, bits: int, offset: bool):
