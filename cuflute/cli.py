@@ -6,23 +6,23 @@ import argparse
 
 def _compile(args: argparse.Namespace) -> int:
     from .gemm import gpu_available
-    from .kernels import all_specs, precompile
+    from .kernels import every_spec, precompile
 
     if not gpu_available():
         print("no CUDA GPU here: nothing to compile for; `cuflute compile-check` compiles with "
               "NVRTC for the target architectures without one")
         return 1
-    count = precompile(args.device, workers=args.workers)
-    print(f"compiled {count} of {len(all_specs())} specializations for cuda:{args.device}")
+    count = precompile(args.device, every_spec(), workers=args.workers)
+    print(f"compiled {count} specializations for cuda:{args.device}")
     return 0
 
 
 def _compile_check(args: argparse.Namespace) -> int:
-    from .kernels import TARGET_ARCHS, all_specs, nvrtc_compile
+    from .kernels import TARGET_ARCHS, every_spec, nvrtc_compile
 
     failures = 0
     for arch in args.arch or TARGET_ARCHS:
-        usages = nvrtc_compile(all_specs(), arch)
+        usages = nvrtc_compile(every_spec(), arch)
         spilled = [u for u in usages if u.spill_stores or u.spill_loads or u.stack_frame]
         failures += len(spilled)
         print(f"sm_{arch}: {len(usages)} specializations, registers "

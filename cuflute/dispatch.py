@@ -8,12 +8,13 @@ from pathlib import Path
 
 import yaml
 
-from .kernels import TILE_CONFIGS, KernelSpec, TileConfig, parse_tile_config
+from .kernels import TILE_CONFIGS, KernelSpec, TileConfig, instantiated, parse_tile_config
 
 _PACKAGE = Path(__file__).resolve().parent
 _DECODE = TileConfig(nt=1, mt=1, wk=8)
 _DECODE_WIDE_M = TileConfig(nt=1, mt=2, wk=4)
 _LARGE_M = TileConfig(nt=1, mt=4, wk=4)
+_LARGE_M_SMALL_GROUPS = TileConfig(nt=2, mt=2, wk=4)
 
 def tuning_dir() -> Path:
     """``$CUFLUTE_TUNING_DIR``, else the tuned tables shipped with the package."""
@@ -45,16 +46,17 @@ def tuned_table(gpu_name: str) -> dict[tuple, list[tuple[int, TileConfig]]]:
     return {key: sorted(rows) for key, rows in table.items()}
 
 
-def heuristic_config(m: int) -> TileConfig:
+def heuristic_config(m: int, group: int) -> TileConfig:
     """One CTA per 16 weight rows: up to 8 rows of x, one m tile and 8 warps splitting K; up to
     16, two m tiles and 4 warps; past that, four m tiles (32 rows of x), so that each
-    dequantized weight fragment serves four mma. The configs the H100 tuning picked most often
-    for each M (tuning/configs)."""
+    dequantized weight fragment serves four mma, or, for scale groups too small for those
+    (kernels.instantiated), two tiles of 16 rows and two m tiles. The configs the H100 tuning
+    picked most often for each M (tuning/configs)."""
     if m <= 8:
         return _DECODE
     if m <= 16:
         return _DECODE_WIDE_M
-    return _LARGE_M
+    return _LARGE_M if instantiated(group, _LARGE_M) else _LARGE_M_SMALL_GROUPS
 
 
 def select_config(m: int, n: int, k: int, bits: int, group: int, dtype: str,
@@ -71,7 +73,8 @@ def select_config(m: int, n: int, k: int, bits: int, group: int, dtype: str,
     if rows:
         config = next((config for bucket, config in rows if bucket >= m), rows[-1][1])
     else:
-        config = heuristic_config(m)
+        config = heuristic_config(m, group)
     if max_shared_bytes is None or KernelSpec(bits, group, dtype, config).shared_bytes <= max_shared_bytes:
         return config
-    return min(TILE_CONFIGS, key=lambda c: (KernelSpec(bits, group, dtype, c).shared_bytes, -c.mt * c.nt))
+    return min((c for c in TILE_CONFIGS if instantiated(group, c)),
+               key=lambda c: (KernelSpec(bits, group, dtype, c).shared_bytes, -c.mt * c.nt))

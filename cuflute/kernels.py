@@ -65,6 +65,12 @@ TILE_CONFIGS = (
 )
 
 
+def instantiated(group: int, tile: TileConfig) -> bool:
+    """Whether (kernel GROUP, tile) is compiled: four m tiles with scale groups of 32 or 64 k
+    need more than 255 registers (ptxas spills on sm_80 to sm_90), so those pairs are not."""
+    return tile.mt < 4 or group not in (32, 64)
+
+
 def tile_config_from_name(text: str) -> TileConfig:
     """'nt2_mt1_wk8_s3' -> TileConfig(2, 1, 8, 3), whether or not it is one of TILE_CONFIGS."""
     match = re.fullmatch(r"nt(\d+)_mt(\d+)_wk(\d+)_s(\d+)", text.strip())
@@ -100,6 +106,9 @@ class KernelSpec:
         ):
             if value not in allowed:
                 raise ValueError(f"kernel {name} must be one of {allowed}, got {value!r}")
+        if not instantiated(self.group, self.tile):
+            raise ValueError(f"tile config {self.tile} is not compiled for scale groups of "
+                             f"{self.group}: it would spill registers")
 
     @property
     def shared_bytes(self) -> int:
@@ -113,6 +122,10 @@ class KernelSpec:
         return max(pipeline, partial)
 
     @property
+    def threads(self) -> int:
+        return self.tile.threads
+
+    @property
     def name_expression(self) -> str:
         t = self.tile
         return (f"cuflute::lut_gemm<{self.bits}, {self.group}, {_CXX_TYPE[self.dtype]}, "
@@ -121,7 +134,15 @@ class KernelSpec:
 
 def all_specs() -> list[KernelSpec]:
     return [KernelSpec(b, g, d, t)
-            for b, g, d, t in itertools.product(SUPPORTED_BITS, KERNEL_GROUPS, DTYPES, TILE_CONFIGS)]
+            for b, g, d, t in itertools.product(SUPPORTED_BITS, KERNEL_GROUPS, DTYPES, TILE_CONFIGS)
+            if instantiated(g, t)]
+
+
+def every_spec() -> list:
+    """Every specialization of both kernel families: the LUT GEMM's, then BCQ's."""
+    from .bcq.kernels import all_specs as bcq_specs
+
+    return all_specs() + bcq_specs()
 
 
 @lru_cache(maxsize=None)

@@ -28,7 +28,7 @@ from .dispatch import gpu_slug, heuristic_config, tuning_dir
 from .dtypes import DTYPES
 from .formats import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 from .gemm import device_properties, qgemm
-from .kernels import TILE_CONFIGS, KernelSpec, TileConfig, parse_tile_config
+from .kernels import TILE_CONFIGS, KernelSpec, TileConfig, instantiated, parse_tile_config
 from .packing import TILE_N, packed_nbytes, random_packed
 
 CHECK_TILES = 4  # row tiles of each weight compared with the NumPy reference
@@ -98,8 +98,8 @@ def tune_problem(n, k, bits, group_size, dtype, sweep: Sweep, rotate_bytes, repl
     rows = (tiles[:, None] * TILE_N + np.arange(TILE_N)).ravel()
     sample = weights[0].take_tiles(tiles)
     group_arg = 0 if group is None else group
-    fitting = [c for c in sweep.candidates
-               if KernelSpec(bits, group_arg, dtype, c).shared_bytes <= max_shared_bytes]
+    fitting = [c for c in sweep.candidates if instantiated(group_arg, c)
+               and KernelSpec(bits, group_arg, dtype, c).shared_bytes <= max_shared_bytes]
     entries = []
     for m in sweep.m_buckets:
         x = torch.randn(m, k, dtype=getattr(torch, dtype), device="cuda")
@@ -116,7 +116,7 @@ def tune_problem(n, k, bits, group_size, dtype, sweep: Sweep, rotate_bytes, repl
             times[config] = bench.time_graph_us(calls, replays)
         bar.update(len(sweep.candidates))
         best = min(times, key=times.get)
-        heuristic_us = times.get(heuristic_config(m))
+        heuristic_us = times.get(heuristic_config(m, group_arg))
         entries.append({"bits": bits, "group": group_arg, "dtype": dtype,
                         "n": n, "k": k, "m": m, "config": str(best), "us": round(times[best], 2),
                         "heuristic_us": None if heuristic_us is None else round(heuristic_us, 2)})

@@ -1,5 +1,5 @@
 """CPU tier of cuflute.bcq: quantizer, packer round trips and layout, reference, validation,
-kernel selection, and an NVRTC compile of every BCQ specialization (no GPU needed)."""
+kernel selection (tests/test_compile.py compiles every BCQ specialization with the LUT GEMM's)."""
 import numpy as np
 import pytest
 
@@ -7,8 +7,7 @@ import cuflute.bcq as bcq
 from cuflute import dtypes
 from cuflute.bcq import packing, reference
 from cuflute.bcq.gemm import select_spec
-from cuflute.bcq.kernels import BCQSpec, all_specs
-from cuflute.kernels import TARGET_ARCHS
+from cuflute.bcq.kernels import BCQSpec
 
 GROUPS = [32, 64, 128, 256, None]
 
@@ -206,21 +205,3 @@ def test_spec_validation_and_shared_memory():
     assert BCQSpec(2, "bfloat16", 4, 32, 2).threads == 256
     assert BCQSpec(2, "bfloat16", 4, 32, 2).name_expression == \
         "cuflute::bcq::bcq_gemv<2, __nv_bfloat16, 4, 32, 2>"
-
-
-# ----------------------------------------------------------------------------- NVRTC
-
-@pytest.mark.parametrize("arch", TARGET_ARCHS)
-def test_every_bcq_specialization_compiles_without_local_memory(arch):
-    pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
-    from cuflute.kernels import nvrtc_compile
-
-    specs = all_specs()
-    usages = nvrtc_compile(specs, arch)
-    assert len(usages) == len(specs)
-    for spec, usage in zip(specs, usages):
-        detail = f"sm_{arch} {spec.name_expression}: {usage}"
-        assert usage.spill_stores == 0 and usage.spill_loads == 0, detail
-        assert usage.stack_frame == 0, detail
-        assert usage.registers <= 65536 // spec.threads, detail
-        assert usage.shared_bytes == 0, detail  # all of it dynamic: BCQSpec.shared_bytes

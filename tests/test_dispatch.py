@@ -2,7 +2,8 @@ import pytest
 
 from cuflute import dispatch
 from cuflute.dispatch import gpu_slug, heuristic_config, select_config
-from cuflute.kernels import TILE_CONFIGS, KernelSpec, TileConfig, all_specs, parse_tile_config
+from cuflute.kernels import (TILE_CONFIGS, KernelSpec, TileConfig, all_specs, instantiated,
+                             parse_tile_config)
 
 
 @pytest.mark.parametrize("m", [1, 2, 7, 8, 9, 16, 17, 64, 300, 100000])
@@ -14,9 +15,19 @@ def test_heuristic_covers_every_m(m, n):
 
 
 def test_heuristic_m_tiles_follow_m():
-    assert heuristic_config(1).block_m == heuristic_config(8).block_m == 8
-    assert heuristic_config(9).block_m == heuristic_config(16).block_m == 16
-    assert heuristic_config(17).block_m == heuristic_config(300).block_m == 32
+    assert heuristic_config(1, 128).block_m == heuristic_config(8, 128).block_m == 8
+    assert heuristic_config(9, 128).block_m == heuristic_config(16, 128).block_m == 16
+    assert heuristic_config(17, 128).block_m == heuristic_config(300, 0).block_m == 32
+
+
+@pytest.mark.parametrize("group", [32, 64])
+def test_small_groups_never_get_four_m_tiles(group):
+    for m in (17, 64, 300):
+        tile = select_config(m, 4096, 4096, 3, group, "bfloat16")
+        assert instantiated(group, tile) and tile.mt == 2, (m, group, tile)
+    with pytest.raises(ValueError, match="is not compiled for scale groups of 32"):
+        KernelSpec(4, 32, "float16", TileConfig(1, 4, 4))
+    assert not any(s.tile.mt == 4 and s.group in (32, 64) for s in all_specs())
 
 
 def test_kernel_spec_validation():
@@ -33,7 +44,8 @@ def test_name_expression_and_count():
     assert spec.name_expression == "cuflute::lut_gemm<3, 0, __nv_bfloat16, 2, 2, 4, 2>"
     deep = KernelSpec(4, 128, "float16", TileConfig(1, 1, 8, 3))
     assert deep.name_expression == "cuflute::lut_gemm<4, 128, __half, 1, 1, 8, 3>"
-    assert len(all_specs()) == 3 * 5 * 2 * len(TILE_CONFIGS)
+    four_m_tiles = sum(c.mt == 4 for c in TILE_CONFIGS)
+    assert len(all_specs()) == 3 * 2 * (5 * len(TILE_CONFIGS) - 2 * four_m_tiles)
 
 
 def test_parse_tile_config():
@@ -61,9 +73,9 @@ def test_tuned_table_overrides_the_heuristic(tmp_path, monkeypatch):
         pick = lambda m, n=4096: select_config(m, n, 4096, 4, 128, "float16", gpu_name="Test GPU")
         assert pick(1) == pick(4) == TileConfig(2, 1, 8)  # smallest bucket at or above m
         assert pick(5) == pick(32) == pick(1000) == TileConfig(2, 2, 4)  # largest past the end
-        assert pick(1, n=8192) == heuristic_config(1)  # untuned shape: heuristic
+        assert pick(1, n=8192) == heuristic_config(1, 128)  # untuned shape: heuristic
         assert select_config(1, 4096, 4096, 4, 128, "float16", gpu_name="Other GPU") == \
-            heuristic_config(1)
+            heuristic_config(1, 128)
     finally:
         dispatch.tuned_table.cache_clear()
 
@@ -78,3 +90,4 @@ def test_shared_memory_limit_picks_a_config_that_fits():
         for group in (32, 64, 128, 256, 0):
             tile = select_config(1, 4096, 4096, bits, group, "float16", max_shared_bytes=101376)
             assert KernelSpec(bits, group, "float16", tile).shared_bytes <= 101376, (bits, group)
+
