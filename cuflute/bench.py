@@ -418,22 +418,31 @@ def measure_copy_gbps(nbytes: int = COPY_BYTES) -> float:
     return 2 * nbytes / median_event_ms(partial(dst.copy_, src), COPY_REPEATS) / 1e6
 
 
-def time_graph_us(calls: list, replays: int) -> float:
-    """Median microseconds per call, the calls captured in sequence into one CUDA graph."""
+def capture_graph(fn, warmups):
+    """A CUDA graph of ``fn()``, after each of ``warmups`` has run once on a side stream, as
+    torch.cuda.graph asks: JIT compilation, module loads, cuBLAS handles and lazy allocations
+    happen before the capture."""
     import torch
 
-    # Warm up on a side stream, as torch.cuda.graph asks, so that JIT compilation, module
-    # loads, cuBLAS handles and workspaces happen before capture.
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        for call in calls:
-            call()
+        for warmup in warmups:
+            warmup()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def time_graph_us(calls: list, replays: int) -> float:
+    """Median microseconds per call, the calls captured in sequence into one CUDA graph."""
+    def run_all():
         for call in calls:
             call()
+
+    graph = capture_graph(run_all, calls)
     return median_event_ms(graph.replay, replays) * 1e3 / len(calls)
 
 

@@ -28,6 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from .bench import capture_graph
+
 # Llama-3-8B.
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
@@ -106,22 +108,6 @@ def compile_kernels(model, batches, workers: int = 8) -> None:
     torch.cuda.synchronize()
 
 
-def _capture(fn, warmups):
-    """A CUDA graph of ``fn()`` after ``warmups`` calls on a side stream (compilation, lazy
-    allocations and cuBLAS handles happen before the capture)."""
-    import torch
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for warmup in warmups:
-            warmup()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
-
 
 def _replay_ms(graph, warmups: int, replays: int) -> float:
     import torch
@@ -150,7 +136,7 @@ def time_linears(model, batch: int) -> float:
         for m in layers:
             m(xs[m.in_features])
 
-    graph = _capture(calls, [calls])
+    graph = capture_graph(calls, [calls])
     ms = _replay_ms(graph, GRAPH_WARMUP_REPLAYS, LINEAR_REPLAYS)
     del graph
     return ms
@@ -179,7 +165,7 @@ def time_decoding(model, batch: int, steps: int, seed: int, compile_step: bool =
 
     # The first step runs eagerly: it allocates the cache outside any compiled region.
     run = torch.compile(step, dynamic=False) if compile_step else step
-    graph = _capture(run, [step] + [run] * (EAGER_WARMUP_STEPS - 1))
+    graph = capture_graph(run, [step] + [run] * (EAGER_WARMUP_STEPS - 1))
     ms = _replay_ms(graph, GRAPH_WARMUP_REPLAYS, steps)
     if position.item() != cache_len:
         raise RuntimeError(f"decoded {position.item()} positions, expected {cache_len}")
