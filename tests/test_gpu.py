@@ -11,7 +11,7 @@ import pytest
 
 import cuflute
 from cuflute import dtypes, reference
-from cuflute.kernels import TILE_CONFIGS
+from cuflute.kernels import TILE_CONFIGS, instantiated
 
 pytestmark = pytest.mark.gpu
 torch = pytest.importorskip("torch") if cuflute.gpu_available() else None
@@ -63,8 +63,11 @@ def test_kernel_matches_reference(bits, group_size, dtype, n, k):
         assert err < REL_ERROR_BOUND[dtype], f"rel error {err:.2e}: {where}"
 
 
-@pytest.mark.parametrize("config", TILE_CONFIGS, ids=str)
-@pytest.mark.parametrize("bits, group_size", [(3, 32), (4, None), (2, 128)])
+CONFIG_CASES = [(c, bits, g) for c in TILE_CONFIGS for bits, g in [(3, 32), (4, None), (2, 128)]
+                if instantiated(g or 0, c)]
+
+
+@pytest.mark.parametrize("config, bits, group_size", CONFIG_CASES, ids=str)
 @pytest.mark.parametrize("n, k", [(24, 256), (1000, 1280), (200, 8192)])
 def test_every_tile_config_matches_reference(config, bits, group_size, n, k):
     """Each config forced (the dispatcher only picks some), with fewer chunks than warps
@@ -157,3 +160,85 @@ def test_errors():
         cuflute.qgemm(x, packed.to_host())
     with pytest.raises(ValueError, match="out must be a contiguous torch array of shape"):
         cuflute.qgemm(x, packed, out=torch.empty(2, 65, dtype=torch.float16, device="cuda"))
+
+
+def test_misaligned_and_unflattenable_inputs_are_copied():
+    """A contiguous x starting 8 bytes past an aligned address, and leading dims that do not
+    flatten into one stride, are read through fresh copies, for torch and CuPy inputs alike."""
+    import cupy
+
+    packed, w64 = _weight(200, 768, 4, 64, "float16")
+    x64 = _random_x(6, 768, "float16", seed=8)
+    ref = x64 @ w64.T
+    flat = _to_torch(np.concatenate([np.ones(4), x64.ravel()]), "float16")
+    misaligned = flat[4:].view(6, 768)
+    assert misaligned.data_ptr() % 16 == 8
+    big = _to_torch(np.concatenate([x64.reshape(2, 3, 768), np.ones((2, 1, 768))], axis=1), "float16")
+    unflattenable = big[:, :3]
+    for name, x in (("misaligned", misaligned), ("unflattenable", unflattenable)):
+        for kind in ("torch", "cupy"):
+            out = torch.full((*x.shape[:-1], 200), float("nan"), dtype=torch.float16, device="cuda")
+            if kind == "torch":
+                cuflute.qgemm(x, packed, out=out)
+            else:
+                cuflute.qgemm(cupy.asarray(x), packed, out=cupy.asarray(out))
+            y = out.reshape(6, 200).double().cpu().numpy()
+            assert _rel_error(y, ref) < REL_ERROR_BOUND["float16"], f"{name} {kind}"
+
+
+def test_cached_launches_follow_the_weight_object():
+    """Launch plans are cached per packed weight: weights of one shape called in turn, and a
+    weight freed and replaced by another (its id possibly reused), each give their own product."""
+    x64 = _random_x(3, 256, "float16", seed=9)
+    x = _to_torch(x64, "float16")
+
+    def check(weight, where):
+        packed, ref = weight
+        out = torch.full((3, 64), float("nan"), dtype=torch.float16, device="cuda")
+        cuflute.qgemm(x, packed, out=out)
+        err = _rel_error(out.double().cpu().numpy(), ref)
+        assert err < REL_ERROR_BOUND["float16"], f"{where}: rel error {err:.2e}"
+
+    weights = []
+    for trial in range(4):
+        w = np.random.default_rng(100 + trial).standard_normal((64, 256))
+        host = cuflute.pack(cuflute.quantize(w, 4, 128), "float16")
+        weights.append((host.to_device(0), x64 @ reference.dequantize(host).T))
+        check(weights[-1], f"weight {trial} new")
+        if trial == 1:
+            del weights[0]  # its plan stays cached, its id free for the next weight
+    for i in (0, 1, 2, 1, 0):
+        check(weights[i], f"weight {i} of {len(weights)} in turn")
+
+
+def test_first_launch_from_a_new_thread():
+    """A thread whose first CUDA work is the launch (outputs made by the main thread) gets the
+    device's context made current for it, for torch and CuPy inputs."""
+    import threading
+
+    import cupy
+
+    packed, w64 = _weight(64, 256, 4, 128, "float16")
+    x64 = _random_x(3, 256, "float16", seed=10)
+    x = _to_torch(x64, "float16")
+    outs = {kind: torch.full((3, 64), float("nan"), dtype=torch.float16, device="cuda")
+            for kind in ("torch", "cupy")}
+    x_cupy, out_cupy = cupy.asarray(x), cupy.asarray(outs["cupy"])
+    torch.cuda.synchronize()
+    errors = []
+
+    def work():
+        try:
+            cuflute.qgemm(x, packed, out=outs["torch"])
+            cuflute.qgemm(x_cupy, packed, out=out_cupy)
+        except Exception as error:  # re-raised by the test below
+            errors.append(error)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    assert not errors, errors
+    torch.cuda.synchronize()
+    for kind, out in outs.items():
+        err = _rel_error(out.double().cpu().numpy(), x64 @ w64.T)
+        assert err < REL_ERROR_BOUND["float16"], f"{kind}: {err:.2e}"

@@ -208,3 +208,27 @@ def test_hf_llama_quantize_load_and_generate(tmp_path):
     chosen = last.gather(1, out[:, 5:6]).squeeze(1)
     slack = 1e-2 * last.abs().max()  # generate recomputes the prompt; near-ties may swap
     assert torch.all(chosen >= last.max(-1).values - slack), "first greedy token is not the argmax"
+
+
+def test_module_goes_through_the_op_that_dispatch_modes_see():
+    """QuantizedLinear calls torch.ops.cuflute.qgemm, so a dispatch mode (as export and fake
+    tensors use) records it, and the output is qgemm's."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    layer = QuantizedLinear.from_linear(_linear(256, 64, torch.float16, seed=3), 4, 128)
+    x = _random_x((5, 256), torch.float16, seed=700)
+    eager = layer(x)
+    with Record() as record:
+        recorded = layer(x)
+    assert "cuflute.qgemm.default" in record.ops, record.ops
+    want = _poisoned_qgemm(x, layer)
+    assert torch.isfinite(want).all() and torch.equal(eager, want) and torch.equal(recorded, want)

@@ -36,3 +36,35 @@ def test_import_touches_no_gpu():
 
 def test_gpu_available_is_false_not_an_error_without_a_gpu():
     assert cuflute.gpu_available() in (True, False)
+
+
+@pytest.mark.parametrize("shape, strides, expected", [
+    ((5, 16), (16, 1), 16),  # contiguous
+    ((5, 16), (32, 1), 32),  # a column slice of a wider matrix
+    ((2, 3, 16), (48, 16, 1), 16),  # leading dims that flatten
+    ((3, 1, 16), (64, 16, 1), 64),  # a size-1 dim's stride does not matter
+    ((1, 1, 16), (7, 3, 1), 16),  # one row: its stride is never used
+    ((2, 3, 16), (64, 16, 1), None),  # rows 3 apart in one dim, 4 in the next: no one stride
+    ((5, 16), (1, 5), None),  # transposed: K is not contiguous
+])
+def test_row_stride_of_flattened_leading_dims(shape, strides, expected):
+    from cuflute.interop import _row_stride
+
+    assert _row_stride(shape, strides) == expected, f"{shape=} {strides=}"
+
+
+def test_param_block_points_the_driver_at_each_argument():
+    """cuLaunchKernel reads parameter i from pointers[i]: 8 bytes for an address, the low 4
+    bytes for an int."""
+    import ctypes
+
+    from cuflute.gemm import _ParamBlock
+
+    block = _ParamBlock()
+    args = (0x7F00_1234_5670, 4096, 0x7F00_0000_0010, 7, 300, 2**31 - 1)
+    block.slots[:len(args)] = args
+    pointers = (ctypes.c_void_p * len(args)).from_address(block.address)
+    for i, value in enumerate(args):
+        assert ctypes.c_uint64.from_address(pointers[i]).value == value, f"slot {i}"
+        if value < 2**31:
+            assert ctypes.c_int32.from_address(pointers[i]).value == value, f"slot {i} as int"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import interop
-from ..gemm import device_properties
+from ..gemm import check_operands, device_properties
 from ..kernels import get_kernel
 from .kernels import M_TILES, BCQSpec
 from .packing import BCQPacked
@@ -32,14 +32,7 @@ def select_spec(m: int, n: int, bits: int, dtype: str, sm_count: int,
 def _check(mat: interop.DeviceMatrix, packed: BCQPacked) -> None:
     if not isinstance(packed, BCQPacked):
         raise TypeError(f"packed must be a cuflute.bcq.BCQPacked, got {type(packed).__name__}")
-    if packed.device is None:
-        raise ValueError("the packed weight is on the host; call packed.to_device() first")
-    if mat.dtype != packed.dtype:
-        raise TypeError(f"x has dtype {mat.dtype}, the packed weight was packed for {packed.dtype}")
-    if mat.k != packed.k:
-        raise ValueError(f"x has K = {mat.k} (last dim), the packed weight has K = {packed.k}")
-    if mat.device != packed.device:
-        raise ValueError(f"x is on cuda:{mat.device}, the packed weight on cuda:{packed.device}")
+    check_operands(mat, packed)
     if mat.m > MAX_M:
         raise ValueError(f"x has M = {mat.m} rows (after flattening leading dims); the BCQ GEMV "
                          f"takes M <= {MAX_M}: use cuflute.qgemm or a dense matmul for more")
