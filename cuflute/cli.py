@@ -6,14 +6,15 @@ import argparse
 
 def _compile(args: argparse.Namespace) -> int:
     from .gemm import gpu_available
-    from .kernels import every_spec, precompile
+    from .kernels import precompile
 
     if not gpu_available():
         print("no CUDA GPU here: nothing to compile for; `cuflute compile-check` compiles with "
               "NVRTC for the target architectures without one")
         return 1
-    count = precompile(args.device, every_spec(), workers=args.workers)
-    print(f"compiled {count} specializations for cuda:{args.device}")
+    compiled, too_big = precompile(args.device, workers=args.workers)
+    print(f"compiled {compiled} specializations for cuda:{args.device}; {too_big} need more "
+          f"shared memory than it has and never run there")
     return 0
 
 

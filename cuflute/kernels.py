@@ -182,14 +182,19 @@ def get_kernel(spec: KernelSpec, device: int):
     return _kernel(spec, device)
 
 
-def precompile(device: int = 0, specs=None, workers: int = 8) -> int:
-    """Compile (and cache on disk) every specialization for ``device``; returns how many."""
+def precompile(device: int = 0, specs=None, workers: int = 8) -> tuple[int, int]:
+    """Compile (and cache on disk) every specialization that ``device`` can launch; returns
+    (compiled, left out because they need more shared memory than the device has)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    specs = all_specs() if specs is None else list(specs)
+    import cupy
+
+    limit = cupy.cuda.runtime.getDeviceProperties(device)["sharedMemPerBlockOptin"]
+    specs = every_spec() if specs is None else list(specs)
+    fitting = [spec for spec in specs if spec.shared_bytes <= limit]
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        list(pool.map(lambda spec: get_kernel(spec, device), specs))
-    return len(specs)
+        list(pool.map(lambda spec: get_kernel(spec, device), fitting))
+    return len(fitting), len(specs) - len(fitting)
 
 
 # --- Compilation without a GPU: NVRTC directly, for the CPU test tier and `cuflute compile-check`.
