@@ -59,11 +59,7 @@ def qgemm(x, packed: PackedWeight, out=None, config: TileConfig | None = None):
     """
     mat = interop.as_device_matrix(x)
     check_operands(mat, packed)
-    if out is None:
-        out = interop.empty_output(mat, packed.n)
-        out_ptr = out.data_ptr() if mat.kind == "torch" else out.data.ptr
-    else:
-        out_ptr = interop.check_output(out, mat, packed.n)
+    out, out_ptr = interop.output(mat, packed.n, out)
     if mat.m == 0 or packed.n == 0:
         return out
     plan = _launch_plan(packed, mat.m, config)

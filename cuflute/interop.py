@@ -105,6 +105,14 @@ def _torch():
     return torch
 
 
+def output(mat: DeviceMatrix, n: int, out=None) -> tuple[object, int]:
+    """(out, its address): the caller's ``out`` once validated, else a new uninitialised one."""
+    if out is not None:
+        return out, check_output(out, mat, n)
+    out = empty_output(mat, n)
+    return out, out.data_ptr() if mat.kind == "torch" else out.data.ptr
+
+
 def empty_output(mat: DeviceMatrix, n: int):
     """An uninitialised [..., N] output of x's kind, dtype and device."""
     shape = (*mat.lead_shape, n)

@@ -47,11 +47,7 @@ def gemm(x, packed: BCQPacked, out=None, spec: BCQSpec | None = None):
     """
     mat = interop.as_device_matrix(x)
     _check(mat, packed)
-    if out is None:
-        out = interop.empty_output(mat, packed.n)
-        out_ptr = out.data_ptr() if mat.kind == "torch" else out.data.ptr
-    else:
-        out_ptr = interop.check_output(out, mat, packed.n)
+    out, out_ptr = interop.output(mat, packed.n, out)
     if mat.m == 0 or packed.n == 0:
         return out
 
