@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, nfl, reference
-from .bench import write_atomically
+from .bench import render_markdown, render_text, write_atomically
 from .formats import quantize
 from .minilm import MiniLM, read_sentences
 from .packing import pack
@@ -289,19 +289,6 @@ def result_table(results: list[Result]) -> tuple[list[str], list[list[str]]]:
                        f"{a['worst_layer_error']:.1e} / {a['embedding_one_minus_cos']:.1e}")
         rows.append(row)
     return header, rows
-
-
-def render_text(header, rows) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
-    return "\n".join(lines)
-
-
-def render_markdown(header, rows) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 METRIC_NAMES = {"weight_error": "weight error", "output_error": "layer output error",
