@@ -8,9 +8,12 @@
 // at decode sizes M is small, so the 8-wide side of m16n8k16 goes to M. The A operand is the
 // table value T[q] alone; each group's partial sums are scaled in float32 when the group ends.
 //
-// One CTA per (m block, strip of NT tiles); its WK warps split the strip's K chunks, each
-// streaming its chunks through a private cp.async pipeline, looking code pairs up in the shared
-// pair LUT and running mma against x; the warps' sums meet in shared memory at the end.
+// One CTA per (m block, strip of WN x NT tiles): WN x WK warps, WN side by side along n, each
+// with NT tiles, and WK along K splitting the K chunks. Each warp streams its chunks through a
+// private cp.async pipeline, looks code pairs up in the shared pair LUT and runs mma against x;
+// the WK warps of a column add their sums in shared memory at the end. The WN warps of a row read
+// the same x at about the same time, so that x comes from L1 once per CTA rather than from L2
+// once per 16 weight rows: at M >= 16 that re-read, not the weight, is what fills L2.
 // (A persistent Stream-K variant measured slower at every shape: docs/PERF_NOTES.md.)
 //
 // Template parameters
@@ -18,14 +21,19 @@
 //   GROUP   scale group size in k elements: 32, 64, 128, 256, or 0 for one group per row
 //   T       __half or __nv_bfloat16
 //   NT      16-row n tiles per warp: a strip is NT tiles, 16 * NT output rows
-//   MT      8-column m tiles: blockIdx.x steps M by 8 * MT, blockIdx.y N by 16 * NT
-//   WK      warps per CTA
+//   MT      8-column m tiles: blockIdx.x steps M by 8 * MT, blockIdx.y N by 16 * NT * WN
+//   WN      warps side by side along n
+//   WK      warps along K
 //   STAGES  depth of each warp's cp.async pipeline: STAGES - 1 chunks in flight while one is
 //           computed (every lane copies, then reads back, only its own bytes: no barrier needed)
+//   XS      x goes through the pipeline with the codes (a lane copies the 16-byte pieces of x
+//           its B fragments take) instead of being loaded from global memory one batch ahead:
+//           at M >= 16 most x loads miss L1, and one batch ahead is too short for L2's latency
 //
 // Dynamic shared memory (cuflute.kernels.KernelSpec.shared_bytes computes the same):
-//   [pair LUT x kLutCopies][STAGES][WK warps][NT * BITS code vectors][32 lanes] uint4
+//   [pair LUT x kLutCopies][STAGES][WN * WK warps][NT * BITS code vectors][32 lanes] uint4
 //                                           [NT * groups per chunk][32 lanes]  u32
+//                                  XS only: [MT][8 step pairs][32 lanes]       uint4 (x)
 //   and, once the K loop is over, the warps' partial sums from the start.
 //
 // Packed layout (produced by cuflute.packing.pack, inverted by cuflute.reference.unpack_codes)
@@ -107,7 +115,7 @@ template <int BITS> struct CodeLayout {
 };
 
 // What one warp holds for one strip of NT tiles and MT m tiles.
-template <int BITS, int GROUP, int NT, int MT> struct WarpTile {
+template <int BITS, int GROUP, int NT, int MT, bool XS = false> struct WarpTile {
   static_assert(MT == 1 || MT == 2 || MT == 4, "MT must be 1, 2 or 4");
   static constexpr int kGroupK = GROUP == 0 ? kChunkK : GROUP;  // k per scale group in a chunk
   static_assert(kGroupK >= 32 && kChunkK % kGroupK == 0, "GROUP must be 0 or divide 256");
@@ -116,7 +124,9 @@ template <int BITS, int GROUP, int NT, int MT> struct WarpTile {
   static constexpr int kWords = CodeLayout<BITS>::kWords;
   static constexpr int kCodeVectors = NT * BITS;                  // uint4 per lane per stage
   static constexpr int kScaleWords = NT * kGroupsPerChunk;        // u32 per lane per stage
-  static constexpr int kStageBytes = 32 * (16 * kCodeVectors + 4 * kScaleWords);
+  static constexpr int kXVectors = XS ? MT * kStepsPerChunk / 2 : 0;  // uint4 per lane per stage
+  static constexpr int kXOffset = 32 * (16 * kCodeVectors + 4 * kScaleWords);
+  static constexpr int kStageBytes = kXOffset + 32 * 16 * kXVectors;
   // x goes in batches of kPairsPerBatch step pairs for MT m tiles: 16 registers a batch, two
   // batches live at once (the one in use and the one in flight).
   static constexpr int kPairsPerBatch = 4 / MT;
@@ -127,14 +137,15 @@ template <int BITS, int GROUP, int NT, int MT> struct WarpTile {
   using Acc = float[NT][MT][4];
 };
 
-template <int BITS, int GROUP, int NT, int MT, int WK, int STAGES> struct SharedLayout {
-  using Tile = WarpTile<BITS, GROUP, NT, MT>;
+template <int BITS, int GROUP, int NT, int MT, int WARPS, int WK, int STAGES, bool XS>
+struct SharedLayout {
+  using Tile = WarpTile<BITS, GROUP, NT, MT, XS>;
   static constexpr int kLutBytes = CodeLayout<BITS>::kLutBytes;
-  static constexpr int kPipelineBytes = kLutBytes + STAGES * WK * Tile::kStageBytes;
-  static constexpr int kPartialBytes = WK > 1 ? WK * NT * MT * 4 * 32 * 4 : 0;  // the warps' sums
+  static constexpr int kPipelineBytes = kLutBytes + STAGES * WARPS * Tile::kStageBytes;
+  static constexpr int kPartialBytes = WK > 1 ? WARPS * NT * MT * 4 * 32 * 4 : 0;  // the warps' sums
   // Stage s of warp w, lane 0's bytes: codes, then scales.
   static __device__ __forceinline__ unsigned char* stage(unsigned char* smem, int warp, int i) {
-    return smem + kLutBytes + ((i % STAGES) * WK + warp) * Tile::kStageBytes;
+    return smem + kLutBytes + ((i % STAGES) * WARPS + warp) * Tile::kStageBytes;
   }
 };
 
@@ -203,6 +214,23 @@ __device__ __forceinline__ void copy_chunk_async(unsigned char* stage, const uin
   }
 }
 
+// XS: start copying the x pieces of chunk c that this lane's B fragments take (x_lane, as
+// load_x reads them) into the stage; rows past M and k past K are zero-filled, not read.
+template <int MT>
+__device__ __forceinline__ void copy_x_async(unsigned char* stage, int x_offset,
+                                             const uint4* const (&x_lane)[MT], const bool (&row_valid)[MT],
+                                             int c, int K, int lane) {
+  uint4* dst = reinterpret_cast<uint4*>(stage + x_offset) + lane;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int j = 0; j < kStepsPerChunk / 2; ++j) {
+      const int k = c * kChunkK + 32 * j + 8 * (lane & 3);
+      copy_async_16(dst + 32 * (mt * kStepsPerChunk / 2 + j), x_lane[mt] + (c * kChunkK + 32 * j) / 8,
+                    row_valid[mt] && k < K);
+    }
+}
+
 template <int BITS, int GROUP, int NT, int MT>
 __device__ __forceinline__ void read_stage(const unsigned char* stage, int lane,
                                            typename WarpTile<BITS, GROUP, NT, MT>::Codes& w,
@@ -252,14 +280,28 @@ __device__ __forceinline__ void load_x(typename WarpTile<BITS, GROUP, NT, MT>::X
   }
 }
 
-// acc += the products of one chunk c. xv holds batch 0 of chunk c on entry and batch 0 of
-// chunk c_next (if c_next >= 0) on exit: the next batch of x is in flight while one computes.
-template <int BITS, int GROUP, typename T, int NT, int MT>
+// XS: x of batch `batch` from the stage's copy (x_stage: this lane's first piece there).
+template <int BITS, int GROUP, int NT, int MT>
+__device__ __forceinline__ void load_x_staged(typename WarpTile<BITS, GROUP, NT, MT>::XBatch& xv,
+                                              const uint4* x_stage, int batch) {
+  using Tile = WarpTile<BITS, GROUP, NT, MT>;
+#pragma unroll
+  for (int b = 0; b < Tile::kPairsPerBatch; ++b)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+      xv[b][mt] = x_stage[32 * (mt * kStepsPerChunk / 2 + batch * Tile::kPairsPerBatch + b)];
+}
+
+// acc += the products of one chunk c. xv holds batch 0 of chunk c on entry; the next batch of x
+// is in flight while one computes. Without XS, xv holds batch 0 of chunk c_next (if c_next >= 0)
+// on exit; with XS, x comes from x_stage, the stage's copy, and the caller loads batch 0.
+template <int BITS, int GROUP, typename T, int NT, int MT, bool XS>
 __device__ __forceinline__ void mma_chunk(typename WarpTile<BITS, GROUP, NT, MT>::Acc& acc,
                                           const typename WarpTile<BITS, GROUP, NT, MT>::Codes& w,
                                           const typename WarpTile<BITS, GROUP, NT, MT>::Scales& sw,
                                           typename WarpTile<BITS, GROUP, NT, MT>::XBatch& xv,
-                                          const uint4* const (&x_lane)[MT], int c, int c_next, int K,
+                                          const uint4* const (&x_lane)[MT], const uint4* x_stage,
+                                          int c, int c_next, int K,
                                           const char* lut, u32 lane_bytes, int tig) {
   using Tile = WarpTile<BITS, GROUP, NT, MT>;
   using Traits = DTypeTraits<T>;
@@ -271,8 +313,12 @@ __device__ __forceinline__ void mma_chunk(typename WarpTile<BITS, GROUP, NT, MT>
   for (int batch = 0; batch < Tile::kBatches; ++batch) {
     const int j0 = batch * Tile::kPairsPerBatch;
     typename Tile::XBatch xv_next;
-    if (batch + 1 < Tile::kBatches) load_x<BITS, GROUP, NT, MT>(xv_next, x_lane, c, batch + 1, K, tig);
-    else if (c_next >= 0) load_x<BITS, GROUP, NT, MT>(xv_next, x_lane, c_next, 0, K, tig);
+    if constexpr (XS) {
+      if (batch + 1 < Tile::kBatches) load_x_staged<BITS, GROUP, NT, MT>(xv_next, x_stage, batch + 1);
+    } else {
+      if (batch + 1 < Tile::kBatches) load_x<BITS, GROUP, NT, MT>(xv_next, x_lane, c, batch + 1, K, tig);
+      else if (c_next >= 0) load_x<BITS, GROUP, NT, MT>(xv_next, x_lane, c_next, 0, K, tig);
+    }
 #pragma unroll
     for (int b = 0; b < 2 * Tile::kPairsPerBatch; ++b) {
       const int s = 2 * j0 + b;
@@ -355,32 +401,39 @@ __device__ __forceinline__ void for_each_output(const float (&acc)[NT][MT][4], i
       }
 }
 
-template <int BITS, int GROUP, typename T, int NT, int MT, int WK, int STAGES>
+template <int BITS, int GROUP, typename T, int NT, int MT, int WN, int WK, int STAGES, bool XS>
 // One tile of each kind: 128 registers (16 warps an SM), which it fits without spilling.
 // More tiles: all the registers they need, down to one CTA an SM.
-__global__ void __launch_bounds__(32 * WK, NT * MT == 1 ? 16 / WK : 1)
+__global__ void __launch_bounds__(32 * WN * WK, NT * MT == 1 ? 16 / (WN * WK) : 1)
 lut_gemm(const T* __restrict__ x, long long x_row_stride,
          const uint4* __restrict__ qweight, const u32* __restrict__ scales,
          const u32* __restrict__ pair_lut, T* __restrict__ y,
          int M, int N, int K, int k_chunks, int n_groups) {
   using Tile = WarpTile<BITS, GROUP, NT, MT>;
-  using Smem = SharedLayout<BITS, GROUP, NT, MT, WK, STAGES>;
+  constexpr int kWarps = WN * WK;
+  using Smem = SharedLayout<BITS, GROUP, NT, MT, kWarps, WK, STAGES, XS>;
+  constexpr int kXOffset = WarpTile<BITS, GROUP, NT, MT, XS>::kXOffset;
   constexpr int kAccPerWarp = NT * MT * 4 * 32;            // (nt, mt, c register, lane)
   extern __shared__ __align__(16) unsigned char smem[];
   check_dynamic_shared(Smem::kPipelineBytes > Smem::kPartialBytes ? Smem::kPipelineBytes
                                                                   : Smem::kPartialBytes);
 
+  // warp = WN * wk + wn: the warps of one K slice side by side along n.
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int wn = warp % WN, wk = warp / WN;
   const int gid = lane >> 2, tig = lane & 3;
   const u32 lane_bytes = 4 * (lane % CodeLayout<BITS>::kLutCopies);
   const int n_tiles = (N + 15) / 16;
   // m blocks vary fastest, so the CTAs that read the same weight rows run together and the
   // second and later ones find the weight in L2.
   const int m0 = blockIdx.x * 8 * MT;
-  const int tile0 = blockIdx.y * NT;
+  const int tile0 = (blockIdx.y * WN + wn) * NT;
 
   const uint4* x_lane[MT];
   x_rows<T, MT>(x_lane, x, x_row_stride, m0, M, lane);
+  bool row_valid[MT];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) row_valid[mt] = m0 + 8 * mt + gid < M;
 
   typename Tile::Acc acc;
 #pragma unroll
@@ -390,21 +443,27 @@ lut_gemm(const T* __restrict__ x, long long x_row_stride,
 #pragma unroll
       for (int r = 0; r < 4; ++r) acc[nt][mt][r] = 0.f;
 
-  // This warp's chunks are warp, warp + WK, ...; its i-th goes through stage i % STAGES.
-  const int my_chunks = warp < k_chunks ? (k_chunks - warp + WK - 1) / WK : 0;
+  // This warp's chunks are wk, wk + WK, ...; its i-th goes through stage i % STAGES.
+  const int my_chunks = wk < k_chunks ? (k_chunks - wk + WK - 1) / WK : 0;
   auto issue = [&](int i) {
-    if (i < my_chunks)
+    if (i < my_chunks) {
       copy_chunk_async<BITS, GROUP, NT>(Smem::stage(smem, warp, i), qweight, scales, tile0,
-                                        warp + i * WK, n_tiles, k_chunks, n_groups, lane);
+                                        wk + i * WK, n_tiles, k_chunks, n_groups, lane);
+      if constexpr (XS)
+        copy_x_async<MT>(Smem::stage(smem, warp, i), kXOffset, x_lane, row_valid, wk + i * WK, K, lane);
+    }
     copy_async_commit();  // empty groups too, so that wait_group counts chunks
+  };
+  auto x_stage = [&](int i) {
+    return reinterpret_cast<const uint4*>(Smem::stage(smem, warp, i) + kXOffset) + lane;
   };
 
   // The weight pipeline and the first x batch start before the LUT is built, which they do not need.
 #pragma unroll
   for (int i = 0; i < STAGES - 1; ++i) issue(i);
   typename Tile::XBatch xv;
-  if (my_chunks > 0) load_x<BITS, GROUP, NT, MT>(xv, x_lane, warp, 0, K, tig);
-  fill_lut<BITS>(smem, pair_lut, threadIdx.x, 32 * WK);
+  if (!XS && my_chunks > 0) load_x<BITS, GROUP, NT, MT>(xv, x_lane, wk, 0, K, tig);
+  fill_lut<BITS>(smem, pair_lut, threadIdx.x, 32 * kWarps);
   __syncthreads();
 
   for (int i = 0; i < my_chunks; ++i) {
@@ -414,9 +473,11 @@ lut_gemm(const T* __restrict__ x, long long x_row_stride,
     typename Tile::Codes w;
     typename Tile::Scales sw;
     read_stage<BITS, GROUP, NT, MT>(Smem::stage(smem, warp, i), lane, w, sw);
-    const int c = warp + i * WK;
-    mma_chunk<BITS, GROUP, T, NT, MT>(acc, w, sw, xv, x_lane, c, i + 1 < my_chunks ? c + WK : -1, K,
-                                     reinterpret_cast<const char*>(smem), lane_bytes, tig);
+    if constexpr (XS) load_x_staged<BITS, GROUP, NT, MT>(xv, x_stage(i), 0);
+    const int c = wk + i * WK;
+    mma_chunk<BITS, GROUP, T, NT, MT, XS>(acc, w, sw, xv, x_lane, x_stage(i), c,
+                                         i + 1 < my_chunks ? c + WK : -1, K,
+                                         reinterpret_cast<const char*>(smem), lane_bytes, tig);
   }
   copy_async_wait<0>();  // only empty groups are left, but none may land on reused memory
   scale_rows<GROUP, T, NT, MT>(acc, scales, tile0, n_tiles, n_groups, gid);
@@ -435,12 +496,14 @@ lut_gemm(const T* __restrict__ x, long long x_row_stride,
 #pragma unroll
         for (int r = 0; r < 4; ++r) mine[((nt * MT + mt) * 4 + r) * 32 + lane] = acc[nt][mt][r];
     __syncthreads();
-    for (int i = threadIdx.x; i < kAccPerWarp; i += 32 * WK) {
+    // Warp column c's sums are those of warps c, c + WN, ..., c + (WK - 1) WN.
+    for (int i = threadIdx.x; i < WN * kAccPerWarp; i += 32 * kWarps) {
+      const int column = i / kAccPerWarp, j = i % kAccPerWarp;
       float sum = 0.f;
 #pragma unroll
-      for (int wi = 0; wi < WK; ++wi) sum += partial_sh[wi * kAccPerWarp + i];
-      const int r = (i >> 5) & 3, mt = (i >> 7) % MT, nt = (i >> 7) / MT;
-      const int2 nm = output_coord(tile0, m0, nt, mt, r, i & 31);
+      for (int wi = 0; wi < WK; ++wi) sum += partial_sh[(wi * WN + column) * kAccPerWarp + j];
+      const int r = (j >> 5) & 3, mt = (j >> 7) % MT, nt = (j >> 7) / MT;
+      const int2 nm = output_coord((blockIdx.y * WN + column) * NT, m0, nt, mt, r, j & 31);
       if (nm.x < N && nm.y < M) store(nm.x, nm.y, sum);
     }
   }

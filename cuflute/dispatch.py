@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -11,10 +12,10 @@ import yaml
 from .kernels import TILE_CONFIGS, KernelSpec, TileConfig, instantiated, parse_tile_config
 
 _PACKAGE = Path(__file__).resolve().parent
-_DECODE = TileConfig(nt=1, mt=1, wk=8)
-_DECODE_WIDE_M = TileConfig(nt=1, mt=2, wk=4)
-_LARGE_M = TileConfig(nt=1, mt=4, wk=4)
-_LARGE_M_SMALL_GROUPS = TileConfig(nt=2, mt=2, wk=4)
+_DECODE = TileConfig(nt=2, mt=1, wk=4, xs=True)
+_DECODE_WIDE_M = TileConfig(nt=2, mt=2, wk=4, xs=True)
+_LARGE_M = TileConfig(nt=2, mt=2, wk=2, xs=True)
+
 
 def tuning_dir() -> Path:
     """``$CUFLUTE_TUNING_DIR``, else the tuned tables shipped with the package."""
@@ -40,23 +41,29 @@ def tuned_table(gpu_name: str) -> dict[tuple, list[tuple[int, TileConfig]]]:
     if not path.exists():
         return {}
     table: dict[tuple, list[tuple[int, TileConfig]]] = {}
+    unknown = set()
     for e in yaml.safe_load(path.read_text())["entries"]:
+        try:
+            config = parse_tile_config(e["config"])
+        except ValueError:
+            unknown.add(e["config"])  # a table tuned for another version's configs
+            continue
         key = table_key(e["bits"], e["group"], e["dtype"], e["n"], e["k"])
-        table.setdefault(key, []).append((e["m"], parse_tile_config(e["config"])))
+        table.setdefault(key, []).append((e["m"], config))
+    if unknown:
+        warnings.warn(f"{path} names tile configs this version does not build ({sorted(unknown)}); "
+                      f"those entries are ignored: re-run `python -m cuflute tune`", stacklevel=2)
     return {key: sorted(rows) for key, rows in table.items()}
 
 
 def heuristic_config(m: int, group: int) -> TileConfig:
-    """One CTA per 16 weight rows: up to 8 rows of x, one m tile and 8 warps splitting K; up to
-    16, two m tiles and 4 warps; past that, four m tiles (32 rows of x), so that each
-    dequantized weight fragment serves four mma, or, for scale groups too small for those
-    (kernels.instantiated), two tiles of 16 rows and two m tiles. The configs the H100 tuning
-    picked most often for each M (tuning/configs)."""
+    """Two 16-row n tiles a warp, x staged with the codes: up to 8 rows of x, one m tile and 4
+    warps splitting K; up to 16, two m tiles and 4 warps; past that, two m tiles and 2 warps
+    (fewer warps, more CTAs an SM). The configs the H100 tuning picked most often for each M
+    (tuning/configs); every group size builds them (kernels.instantiated)."""
     if m <= 8:
         return _DECODE
-    if m <= 16:
-        return _DECODE_WIDE_M
-    return _LARGE_M if instantiated(group, _LARGE_M) else _LARGE_M_SMALL_GROUPS
+    return _DECODE_WIDE_M if m <= 16 else _LARGE_M
 
 
 def select_config(m: int, n: int, k: int, bits: int, group: int, dtype: str,

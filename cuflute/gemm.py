@@ -105,7 +105,7 @@ def _new_plan(packed: PackedWeight, m: int, config: TileConfig | None) -> Launch
     tile = config or select_config(
         m, packed.n, packed.k, packed.bits, packed.kernel_group, packed.dtype,
         device_name(device), props["sharedMemPerBlockOptin"])
-    grid = (-(-m // tile.block_m), -(-packed.n_tiles // tile.nt), 1)
+    grid = (-(-m // tile.block_m), -(-packed.n_tiles // tile.block_n_tiles), 1)
     if grid[1] > _MAX_GRID_Y:
         raise ValueError(f"N = {packed.n} needs {grid[1]} CTA rows, more than CUDA's {_MAX_GRID_Y}")
     spec = KernelSpec(packed.bits, packed.kernel_group, packed.dtype, tile)

@@ -31,37 +31,55 @@ KERNEL_HEADERS = ("lut_gemm.cuh", "bcq_gemv.cuh")
 
 @dataclass(frozen=True, order=True)
 class TileConfig:
-    """A CTA shape: NT 16-row n tiles per warp, MT 8-column m tiles, WK warps splitting K, each
-    warp's cp.async pipeline STAGES chunks deep."""
+    """A CTA shape: NT 16-row n tiles per warp, MT 8-column m tiles, WN warps side by side
+    along n times WK warps splitting K, each warp's cp.async pipeline STAGES chunks deep and
+    carrying x too when XS (else x is loaded from global memory a batch ahead)."""
 
     nt: int
     mt: int
     wk: int
     stages: int = 2
+    wn: int = 1
+    xs: bool = False
 
     @property
     def block_m(self) -> int:
         return 8 * self.mt
 
     @property
+    def block_n_tiles(self) -> int:
+        return self.nt * self.wn
+
+    @property
+    def warps(self) -> int:
+        return self.wn * self.wk
+
+    @property
     def threads(self) -> int:
-        return 32 * self.wk
+        return 32 * self.warps
 
     def __str__(self) -> str:
-        return f"nt{self.nt}_mt{self.mt}_wk{self.wk}_s{self.stages}"
+        wn = f"_wn{self.wn}" if self.wn > 1 else ""
+        xs = "_xs" if self.xs else ""
+        return f"nt{self.nt}_mt{self.mt}{wn}_wk{self.wk}_s{self.stages}{xs}"
 
 
 # For compilation time, only the shapes that the dispatcher and the tuner use are instantiated.
 TILE_CONFIGS = (
     TileConfig(nt=1, mt=1, wk=8),
-    TileConfig(nt=1, mt=1, wk=8, stages=3),
-    TileConfig(nt=2, mt=1, wk=8),
     TileConfig(nt=1, mt=1, wk=4),
     TileConfig(nt=1, mt=2, wk=4),
-    TileConfig(nt=1, mt=2, wk=8),
     TileConfig(nt=2, mt=2, wk=4),
     TileConfig(nt=1, mt=4, wk=4),
     TileConfig(nt=2, mt=4, wk=4),
+    # x through the pipeline: two n tiles a warp halve the x each weight byte needs
+    TileConfig(nt=1, mt=1, wk=4, xs=True),
+    TileConfig(nt=2, mt=1, wk=4, xs=True),
+    TileConfig(nt=2, mt=2, wk=2, xs=True),
+    TileConfig(nt=2, mt=2, wk=4, xs=True),
+    TileConfig(nt=2, mt=4, wk=2, xs=True),
+    # four warps side by side along n share x through L1: M >= 64
+    TileConfig(nt=1, mt=4, wk=1, wn=4),
 )
 
 
@@ -72,11 +90,15 @@ def instantiated(group: int, tile: TileConfig) -> bool:
 
 
 def tile_config_from_name(text: str) -> TileConfig:
-    """'nt2_mt1_wk8_s3' -> TileConfig(2, 1, 8, 3), whether or not it is one of TILE_CONFIGS."""
-    match = re.fullmatch(r"nt(\d+)_mt(\d+)_wk(\d+)_s(\d+)", text.strip())
+    """'nt2_mt1_wk8_s3' -> TileConfig(2, 1, 8, 3), 'nt1_mt4_wn8_wk1_s2_xs' -> TileConfig(1, 4,
+    1, 2, wn=8, xs=True) (no _wn: one warp along n; no _xs: x not staged), whether or not it is
+    one of TILE_CONFIGS."""
+    match = re.fullmatch(r"nt(\d+)_mt(\d+)(?:_wn(\d+))?_wk(\d+)_s(\d+)(_xs)?", text.strip())
     if not match:
-        raise ValueError(f"tile config must look like nt2_mt1_wk8_s3, got {text!r}")
-    return TileConfig(*(int(v) for v in match.groups()))
+        raise ValueError(f"tile config must look like nt2_mt1_wk8_s3 or nt1_mt4_wn8_wk1_s2_xs, "
+                         f"got {text!r}")
+    nt, mt, wn, wk, stages, xs = match.groups()
+    return TileConfig(int(nt), int(mt), int(wk), int(stages), int(wn or 1), bool(xs))
 
 
 def parse_tile_config(text: str) -> TileConfig:
@@ -116,9 +138,10 @@ class KernelSpec:
         t = self.tile
         lut = 4**self.bits * LUT_COPIES * 4
         groups_per_chunk = 1 if self.group == 0 else CHUNK_K // self.group
-        warp_stage = 32 * (16 * t.nt * self.bits + 4 * t.nt * groups_per_chunk)
-        pipeline = lut + t.stages * t.wk * warp_stage
-        partial = t.wk * t.nt * t.mt * 4 * 32 * 4 if t.wk > 1 else 0
+        x_vectors = t.mt * CHUNK_K // 32 if t.xs else 0
+        warp_stage = 32 * (16 * t.nt * self.bits + 4 * t.nt * groups_per_chunk + 16 * x_vectors)
+        pipeline = lut + t.stages * t.warps * warp_stage
+        partial = t.warps * t.nt * t.mt * 4 * 32 * 4 if t.wk > 1 else 0
         return max(pipeline, partial)
 
     @property
@@ -129,7 +152,7 @@ class KernelSpec:
     def name_expression(self) -> str:
         t = self.tile
         return (f"cuflute::lut_gemm<{self.bits}, {self.group}, {_CXX_TYPE[self.dtype]}, "
-                f"{t.nt}, {t.mt}, {t.wk}, {t.stages}>")
+                f"{t.nt}, {t.mt}, {t.wn}, {t.wk}, {t.stages}, {str(t.xs).lower()}>")
 
 
 def all_specs() -> list[KernelSpec]:

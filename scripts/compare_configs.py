@@ -1,7 +1,7 @@
 """Time tile configs side by side (a development tool; the tuner picks winners, this shows all).
 
 python scripts/compare_configs.py --shapes 8192x8192,4096x4096 --m 1,16 --bits 4,3 \
-    --configs nt1_mt1_wk8_s2,nt1_mt2_wk8_s2 [--extra nt1_mt1_wk8_s4 ...]
+    --configs nt1_mt1_wk8_s2,nt2_mt1_wk4_s2_xs [--extra nt1_mt1_wk8_s4 ...]
 
 --extra names configs outside TILE_CONFIGS (compiled on the fly) to try before adding them.
 Each config's output is first checked against the default config's. Prints us per call

@@ -3,7 +3,7 @@ import pytest
 from cuflute import dispatch
 from cuflute.dispatch import gpu_slug, heuristic_config, select_config
 from cuflute.kernels import (TILE_CONFIGS, KernelSpec, TileConfig, all_specs, instantiated,
-                             parse_tile_config)
+                             parse_tile_config, tile_config_from_name)
 
 
 @pytest.mark.parametrize("m", [1, 2, 7, 8, 9, 16, 17, 64, 300, 100000])
@@ -17,7 +17,7 @@ def test_heuristic_covers_every_m(m, n):
 def test_heuristic_m_tiles_follow_m():
     assert heuristic_config(1, 128).block_m == heuristic_config(8, 128).block_m == 8
     assert heuristic_config(9, 128).block_m == heuristic_config(16, 128).block_m == 16
-    assert heuristic_config(17, 128).block_m == heuristic_config(300, 0).block_m == 32
+    assert heuristic_config(17, 128).block_m == heuristic_config(300, 0).block_m == 16
 
 
 @pytest.mark.parametrize("group", [32, 64])
@@ -41,16 +41,22 @@ def test_kernel_spec_validation():
 
 def test_name_expression_and_count():
     spec = KernelSpec(3, 0, "bfloat16", TileConfig(2, 2, 4))
-    assert spec.name_expression == "cuflute::lut_gemm<3, 0, __nv_bfloat16, 2, 2, 4, 2>"
-    deep = KernelSpec(4, 128, "float16", TileConfig(1, 1, 8, 3))
-    assert deep.name_expression == "cuflute::lut_gemm<4, 128, __half, 1, 1, 8, 3>"
+    assert spec.name_expression == "cuflute::lut_gemm<3, 0, __nv_bfloat16, 2, 2, 1, 4, 2, false>"
+    staged = KernelSpec(4, 128, "float16", TileConfig(2, 1, 4, xs=True))
+    assert staged.name_expression == "cuflute::lut_gemm<4, 128, __half, 2, 1, 1, 4, 2, true>"
+    side_by_side = KernelSpec(2, 128, "float16", TileConfig(1, 4, 1, wn=4))
+    assert side_by_side.name_expression == "cuflute::lut_gemm<2, 128, __half, 1, 4, 4, 1, 2, false>"
+    assert side_by_side.threads == 128
     four_m_tiles = sum(c.mt == 4 for c in TILE_CONFIGS)
     assert len(all_specs()) == 3 * 2 * (5 * len(TILE_CONFIGS) - 2 * four_m_tiles)
 
 
 def test_parse_tile_config():
     assert parse_tile_config("nt2_mt2_wk4_s2") == TileConfig(2, 2, 4)
-    assert parse_tile_config("nt1_mt1_wk8_s3") == TileConfig(1, 1, 8, 3)
+    assert parse_tile_config("nt2_mt1_wk4_s2_xs") == TileConfig(2, 1, 4, xs=True)
+    assert parse_tile_config("nt1_mt4_wn4_wk1_s2") == TileConfig(1, 4, 1, wn=4)
+    assert tile_config_from_name("nt1_mt2_wn8_wk1_s3_xs") == TileConfig(1, 2, 1, 3, wn=8, xs=True)
+    assert str(TileConfig(1, 2, 1, 3, wn=8, xs=True)) == "nt1_mt2_wn8_wk1_s3_xs"
     assert all(parse_tile_config(str(c)) == c for c in TILE_CONFIGS)
     with pytest.raises(ValueError, match="tile config must be one of"):
         parse_tile_config("nt3_mt3_wk3")
@@ -65,13 +71,16 @@ def test_gpu_slug():
 def test_tuned_table_overrides_the_heuristic(tmp_path, monkeypatch):
     (tmp_path / "test-gpu.yaml").write_text(
         "gpu: Test GPU\nentries:\n"
-        "- {bits: 4, group: 128, dtype: float16, n: 4096, k: 4096, m: 4, config: nt2_mt1_wk8_s2, us: 1.0}\n"
-        "- {bits: 4, group: 128, dtype: float16, n: 4096, k: 4096, m: 32, config: nt2_mt2_wk4_s2, us: 2.0}\n")
+        "- {bits: 4, group: 128, dtype: float16, n: 4096, k: 4096, m: 4, config: nt2_mt1_wk4_s2_xs, us: 1.0}\n"
+        "- {bits: 4, group: 128, dtype: float16, n: 4096, k: 4096, m: 32, config: nt2_mt2_wk4_s2, us: 2.0}\n"
+        "- {bits: 4, group: 128, dtype: float16, n: 4096, k: 4096, m: 64, config: nt9_mt1_wk8_s2, us: 3.0}\n")
     monkeypatch.setenv("CUFLUTE_TUNING_DIR", str(tmp_path))
     dispatch.tuned_table.cache_clear()
     try:
         pick = lambda m, n=4096: select_config(m, n, 4096, 4, 128, "float16", gpu_name="Test GPU")
-        assert pick(1) == pick(4) == TileConfig(2, 1, 8)  # smallest bucket at or above m
+        with pytest.warns(UserWarning, match="nt9_mt1_wk8_s2.*ignored"):  # a config no longer built
+            dispatch.tuned_table("Test GPU")
+        assert pick(1) == pick(4) == TileConfig(2, 1, 4, xs=True)  # smallest bucket at or above m
         assert pick(5) == pick(32) == pick(1000) == TileConfig(2, 2, 4)  # largest past the end
         assert pick(1, n=8192) == heuristic_config(1, 128)  # untuned shape: heuristic
         assert select_config(1, 4096, 4096, 4, 128, "float16", gpu_name="Other GPU") == \

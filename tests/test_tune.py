@@ -26,10 +26,10 @@ BASE = ("shapes: [[64, 256]]\nbits: [4]\ngroup_sizes: [128, channel]\ndtypes: [f
 
 
 def test_sweep_fields(tmp_path):
-    sweep = load_sweep(_write(tmp_path, BASE + "candidates: [nt1_mt1_wk8_s3, nt2_mt2_wk4_s2]\n"))
+    sweep = load_sweep(_write(tmp_path, BASE + "candidates: [nt2_mt1_wk4_s2_xs, nt2_mt2_wk4_s2]\n"))
     assert sweep.name == "s" and sweep.shapes == ((64, 256),) and sweep.m_buckets == (1, 16)
     assert sweep.group_sizes == (128, "channel")
-    assert sweep.candidates == (TileConfig(1, 1, 8, 3), TileConfig(2, 2, 4))
+    assert sweep.candidates == (TileConfig(2, 1, 4, xs=True), TileConfig(2, 2, 4))
     assert load_sweep(_write(tmp_path, BASE)).candidates == TILE_CONFIGS
 
 
