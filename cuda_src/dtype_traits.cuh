@@ -12,9 +12,13 @@ template <typename T> struct DTypeTraits;
 
 template <> struct DTypeTraits<__half> {
   static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
-  // A scale word {S[row gid], S[row gid + 8]} as two floats.
-  static __device__ __forceinline__ float2 scales_to_float2(u32 w) {
+  // A word of two values (a scale word {S[row gid], S[row gid + 8]}, a pair LUT entry) as floats.
+  static __device__ __forceinline__ float2 pair_to_float2(u32 w) {
     return __half22float2(*reinterpret_cast<const __half2*>(&w));
+  }
+  static __device__ __forceinline__ u32 pair_from_float2(float2 v) {
+    const __half2 h = __float22half2_rn(v);
+    return *reinterpret_cast<const u32*>(&h);
   }
   static __device__ __forceinline__ void mma(float (&c)[4], const u32 (&a)[4],
                                              u32 b0, u32 b1) {
@@ -28,9 +32,13 @@ template <> struct DTypeTraits<__half> {
 
 template <> struct DTypeTraits<__nv_bfloat16> {
   static __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
-  // A scale word {S[row gid], S[row gid + 8]} as two floats.
-  static __device__ __forceinline__ float2 scales_to_float2(u32 w) {
+  // A word of two values (a scale word {S[row gid], S[row gid + 8]}, a pair LUT entry) as floats.
+  static __device__ __forceinline__ float2 pair_to_float2(u32 w) {
     return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w));
+  }
+  static __device__ __forceinline__ u32 pair_from_float2(float2 v) {
+    const __nv_bfloat162 h = __float22bfloat162_rn(v);
+    return *reinterpret_cast<const u32*>(&h);
   }
   static __device__ __forceinline__ void mma(float (&c)[4], const u32 (&a)[4],
                                              u32 b0, u32 b1) {

@@ -346,7 +346,7 @@ __device__ __forceinline__ void mma_chunk(typename WarpTile<BITS, GROUP, NT, MT>
       if (GROUP != 0 && s % kStepsPerGroup == kStepsPerGroup - 1) {
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
-          const float2 scale = Traits::scales_to_float2(sw[nt][s / kStepsPerGroup]);
+          const float2 scale = Traits::pair_to_float2(sw[nt][s / kStepsPerGroup]);
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -370,7 +370,7 @@ __device__ __forceinline__ void scale_rows(float (&acc)[NT][MT][4], const u32* _
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       const int tile = tile0 + nt;
-      const float2 scale = DTypeTraits<T>::scales_to_float2(
+      const float2 scale = DTypeTraits<T>::pair_to_float2(
           tile < n_tiles ? __ldg(scales + (long long)tile * n_groups * 8 + gid) : 0u);
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)

@@ -5,12 +5,13 @@ Nothing here touches a GPU at import time: kernels compile on first use.
 __version__ = "0.1.0"
 
 from .formats import QuantizedWeight, int_table, nf_table, quantize
-from .gemm import gpu_available, qgemm
+from .gemm import dequantize, gpu_available, qgemm
 from .packing import PackedWeight, pack
 
 __all__ = [
     "PackedWeight",
     "QuantizedWeight",
+    "dequantize",
     "gpu_available",
     "int_table",
     "nf_table",

@@ -12,6 +12,11 @@ import yaml
 from .kernels import TILE_CONFIGS, KernelSpec, TileConfig, instantiated, parse_tile_config
 
 _PACKAGE = Path(__file__).resolve().parent
+# Not a tile config: W' dequantized into a temporary buffer (cuda_src/lut_dequant.cuh), then a
+# dense tensor-core GEMM over it (cuBLAS, through torch or CuPy). Wins at large M, where the
+# LUT GEMM's per-fragment lookups and x traffic cost more than writing and reading W' once.
+DENSE = "dense"
+DENSE_MIN_M = 128  # the heuristic's threshold: H100, all 8 benchmark shapes (BENCHMARKS.md)
 _DECODE = TileConfig(nt=2, mt=1, wk=4, xs=True)
 _DECODE_WIDE_M = TileConfig(nt=2, mt=2, wk=4, xs=True)
 _LARGE_M = TileConfig(nt=2, mt=2, wk=2, xs=True)
@@ -44,7 +49,7 @@ def tuned_table(gpu_name: str) -> dict[tuple, list[tuple[int, TileConfig]]]:
     unknown = set()
     for e in yaml.safe_load(path.read_text())["entries"]:
         try:
-            config = parse_tile_config(e["config"])
+            config = parse_config(e["config"])
         except ValueError:
             unknown.add(e["config"])  # a table tuned for another version's configs
             continue
@@ -56,11 +61,19 @@ def tuned_table(gpu_name: str) -> dict[tuple, list[tuple[int, TileConfig]]]:
     return {key: sorted(rows) for key, rows in table.items()}
 
 
-def heuristic_config(m: int, group: int) -> TileConfig:
+def parse_config(text: str) -> TileConfig | str:
+    """A tile config's name (kernels.parse_tile_config), or DENSE."""
+    return DENSE if text.strip() == DENSE else parse_tile_config(text)
+
+
+def heuristic_config(m: int, group: int) -> TileConfig | str:
     """Two 16-row n tiles a warp, x staged with the codes: up to 8 rows of x, one m tile and 4
     warps splitting K; up to 16, two m tiles and 4 warps; past that, two m tiles and 2 warps
     (fewer warps, more CTAs an SM). The configs the H100 tuning picked most often for each M
-    (tuning/configs); every group size builds them (kernels.instantiated)."""
+    (tuning/configs); every group size builds them (kernels.instantiated). From DENSE_MIN_M
+    rows, DENSE."""
+    if m >= DENSE_MIN_M:
+        return DENSE
     if m <= 8:
         return _DECODE
     return _DECODE_WIDE_M if m <= 16 else _LARGE_M
@@ -68,20 +81,23 @@ def heuristic_config(m: int, group: int) -> TileConfig:
 
 def select_config(m: int, n: int, k: int, bits: int, group: int, dtype: str,
                   gpu_name: str | None = None,
-                  max_shared_bytes: int | None = None) -> TileConfig:
-    """The tile config for y[m, n] = x[m, k] @ W'^T.
+                  max_shared_bytes: int | None = None) -> TileConfig | str:
+    """The tile config for y[m, n] = x[m, k] @ W'^T, or DENSE.
 
     A tuned table for ``gpu_name`` answers for the shapes it holds, with the smallest tuned
-    m bucket at or above m (the largest past the end); anything else takes the heuristic. A
-    choice whose shared memory exceeds ``max_shared_bytes`` (smaller on sm_86/sm_89 than on
-    sm_80/sm_90) gives way to the config of fewest warps, which fits every target.
+    m bucket at or above m (the largest past the end, unless the heuristic says DENSE there);
+    anything else takes the heuristic. A choice whose shared memory exceeds
+    ``max_shared_bytes`` (smaller on sm_86/sm_89 than on sm_80/sm_90) gives way to the config
+    of fewest warps, which fits every target (DENSE needs only the LUT's).
     """
     rows = tuned_table(gpu_name).get(table_key(bits, group, dtype, n, k)) if gpu_name else None
-    if rows:
+    heuristic = heuristic_config(m, group)
+    if rows and (m <= rows[-1][0] or heuristic != DENSE):
         config = next((config for bucket, config in rows if bucket >= m), rows[-1][1])
     else:
-        config = heuristic_config(m, group)
-    if max_shared_bytes is None or KernelSpec(bits, group, dtype, config).shared_bytes <= max_shared_bytes:
+        config = heuristic
+    if config == DENSE or max_shared_bytes is None or \
+            KernelSpec(bits, group, dtype, config).shared_bytes <= max_shared_bytes:
         return config
     return min((c for c in TILE_CONFIGS if instantiated(group, c)),
                key=lambda c: (KernelSpec(bits, group, dtype, c).shared_bytes, -c.mt * c.nt))

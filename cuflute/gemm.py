@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from . import interop
-from .dispatch import select_config
-from .kernels import KernelSpec, TileConfig, get_kernel
+from .dispatch import DENSE, parse_config, select_config
+from .kernels import DequantSpec, KernelSpec, TileConfig, get_kernel
 from .packing import PackedWeight
 
 _MAX_GRID_Y = 65535
@@ -50,12 +50,14 @@ def check_operands(mat: interop.DeviceMatrix, packed) -> None:
         raise ValueError(f"x is on cuda:{mat.device}, the packed weight on cuda:{packed.device}")
 
 
-def qgemm(x, packed: PackedWeight, out=None, config: TileConfig | None = None):
+def qgemm(x, packed: PackedWeight, out=None, config: TileConfig | str | None = None):
     """``x [..., K] @ W'^T -> [..., N]`` for a packed weight on x's device.
 
     x is a CUDA torch tensor (returns a torch tensor) or a CuPy array (returns a CuPy array) of
     the packed weight's dtype. The kernel runs on the caller's current stream. ``config``
-    forces a tile config (the tuner's use); by default the tuned table or the heuristic picks.
+    forces a tile config, or ``"dense"`` (the tuner's use); by default the tuned table or the
+    heuristic picks. Dense, at large M: W' is dequantized into a temporary [N, K] array and
+    multiplied by torch's or CuPy's matmul (cuBLAS), on the same stream.
     """
     mat = interop.as_device_matrix(x)
     check_operands(mat, packed)
@@ -63,9 +65,35 @@ def qgemm(x, packed: PackedWeight, out=None, config: TileConfig | None = None):
     if mat.m == 0 or packed.n == 0:
         return out
     plan = _launch_plan(packed, mat.m, config)
-    launch(plan.function, plan.grid, plan.threads, plan.shared_bytes, interop.stream_ptr(mat),
+    stream = interop.stream_ptr(mat)
+    if plan.dense:
+        w = interop.empty_matrix(mat, packed.n, packed.k)
+        launch(plan.function, plan.grid, plan.threads, plan.shared_bytes, stream, mat.device,
+               (*plan.weights, interop.address(mat, w), *plan.sizes[1:]))
+        interop.matmul_transposed(mat, w, out)
+        return out
+    launch(plan.function, plan.grid, plan.threads, plan.shared_bytes, stream,
            mat.device, (mat.ptr, mat.row_stride, *plan.weights, out_ptr, *plan.sizes))
     return out
+
+
+def dequantize(packed: PackedWeight):
+    """W' [N, K] = T[Q] * S as a new CuPy array on the packed weight's device: each element the
+    exact product rounded once to the packed dtype (reference.dequantize, rounded). CuPy has no
+    bfloat16: bfloat16 comes back as the uint16 bit patterns (in torch,
+    ``torch.from_dlpack(w).view(torch.bfloat16)``)."""
+    import cupy
+
+    if packed.device is None:
+        raise ValueError("the packed weight is on the host; call packed.to_device() first")
+    with cupy.cuda.Device(packed.device):
+        w = cupy.empty((packed.n, packed.k), dtype="float16" if packed.dtype == "float16" else "uint16")
+        if w.size:
+            plan = _launch_plan(packed, 1, DENSE)
+            launch(plan.function, plan.grid, plan.threads, plan.shared_bytes,
+                   cupy.cuda.get_current_stream().ptr, packed.device,
+                   (*plan.weights, w.data.ptr, *plan.sizes[1:]))
+    return w
 
 
 @dataclass(frozen=True)
@@ -78,6 +106,7 @@ class LaunchPlan:
     shared_bytes: int
     weights: tuple[int, int, int]  # addresses of qweight, scales, pair_lut
     sizes: tuple[int, ...]  # M, N, K, k_chunks, n_groups
+    dense: bool  # function is lut_dequant's (launched with sizes[1:]), not lut_gemm's
 
 
 # (id(packed), M, config) -> (weak reference to packed, LaunchPlan). A PackedWeight is frozen,
@@ -99,12 +128,22 @@ def _launch_plan(packed: PackedWeight, m: int, config: TileConfig | None) -> Lau
     return plan
 
 
-def _new_plan(packed: PackedWeight, m: int, config: TileConfig | None) -> LaunchPlan:
+def _new_plan(packed: PackedWeight, m: int, config: TileConfig | str | None) -> LaunchPlan:
     device = packed.device
     props = device_properties(device)
+    if isinstance(config, str):
+        config = parse_config(config)
     tile = config or select_config(
         m, packed.n, packed.k, packed.bits, packed.kernel_group, packed.dtype,
         device_name(device), props["sharedMemPerBlockOptin"])
+    weights = (packed.qweight.data.ptr, packed.scales.data.ptr, packed.pair_lut.data.ptr)
+    sizes = (m, packed.n, packed.k, packed.k_chunks, packed.n_groups)
+    if tile == DENSE:
+        spec = DequantSpec(packed.bits, packed.kernel_group, packed.dtype)
+        per_cta = DequantSpec.WARPS * DequantSpec.UNITS_PER_WARP
+        grid = (-(-packed.n_tiles * packed.k_chunks // per_cta), 1, 1)
+        return LaunchPlan(get_kernel(spec, device), grid, spec.threads, spec.shared_bytes, weights,
+                          sizes, dense=True)
     grid = (-(-m // tile.block_m), -(-packed.n_tiles // tile.block_n_tiles), 1)
     if grid[1] > _MAX_GRID_Y:
         raise ValueError(f"N = {packed.n} needs {grid[1]} CTA rows, more than CUDA's {_MAX_GRID_Y}")
@@ -112,10 +151,8 @@ def _new_plan(packed: PackedWeight, m: int, config: TileConfig | None) -> Launch
     if spec.shared_bytes > props["sharedMemPerBlockOptin"]:
         raise ValueError(f"tile config {tile} needs {spec.shared_bytes} bytes of shared memory, "
                          f"cuda:{device} allows {props['sharedMemPerBlockOptin']}")
-    weights = (packed.qweight.data.ptr, packed.scales.data.ptr, packed.pair_lut.data.ptr)
-    sizes = (m, packed.n, packed.k, packed.k_chunks, packed.n_groups)
     return LaunchPlan(get_kernel(spec, device), grid, tile.threads, spec.shared_bytes, weights,
-                      sizes)
+                      sizes, dense=False)
 
 
 _MAX_PARAMS = 16

@@ -110,7 +110,7 @@ def output(mat: DeviceMatrix, n: int, out=None) -> tuple[object, int]:
     if out is not None:
         return out, check_output(out, mat, n)
     out = empty_output(mat, n)
-    return out, out.data_ptr() if mat.kind == "torch" else out.data.ptr
+    return out, address(mat, out)
 
 
 def empty_output(mat: DeviceMatrix, n: int):
@@ -124,6 +124,34 @@ def empty_output(mat: DeviceMatrix, n: int):
         return cupy.empty(shape, dtype=mat.array.dtype)
     with cupy.cuda.Device(mat.device):
         return cupy.empty(shape, dtype=mat.array.dtype)
+
+
+def empty_matrix(mat: DeviceMatrix, rows: int, cols: int):
+    """An uninitialised [rows, cols] array of x's kind, dtype and device (a temporary)."""
+    if mat.kind == "torch":
+        return mat.array.new_empty((rows, cols))
+    import cupy
+
+    with cupy.cuda.Device(mat.device):
+        return cupy.empty((rows, cols), dtype=mat.array.dtype)
+
+
+def address(mat: DeviceMatrix, array) -> int:
+    """The device address of an array of x's kind."""
+    return array.data_ptr() if mat.kind == "torch" else array.data.ptr
+
+
+def matmul_transposed(mat: DeviceMatrix, w, out) -> None:
+    """out [..., N] = x @ w.T for w [N, K] of x's kind, by x's framework (cuBLAS) on the stream
+    that stream_ptr names."""
+    x2d = mat.array.reshape(mat.m, mat.k)
+    if mat.kind == "torch":
+        _torch().mm(x2d, w.t(), out=out.view(mat.m, -1))
+        return
+    import cupy
+
+    with cupy.cuda.Device(mat.device):
+        cupy.matmul(x2d, w.T, out=out.reshape(mat.m, -1))
 
 
 def check_output(out, mat: DeviceMatrix, n: int):

@@ -26,7 +26,7 @@ TARGET_ARCHS = (80, 86, 89, 90)
 LUT_COPIES = 32
 _CXX_TYPE = {"float16": "__half", "bfloat16": "__nv_bfloat16"}
 # One header per kernel family; every specialization of every family compiles from one source.
-KERNEL_HEADERS = ("lut_gemm.cuh", "bcq_gemv.cuh")
+KERNEL_HEADERS = ("lut_gemm.cuh", "lut_dequant.cuh", "bcq_gemv.cuh")
 
 
 @dataclass(frozen=True, order=True)
@@ -112,6 +112,13 @@ def parse_tile_config(text: str) -> TileConfig:
     return config
 
 
+def _check_template_args(bits: int, group: int, dtype: str) -> None:
+    for name, value, allowed in (("bits", bits, SUPPORTED_BITS), ("group", group, KERNEL_GROUPS),
+                                 ("dtype", dtype, DTYPES)):
+        if value not in allowed:
+            raise ValueError(f"kernel {name} must be one of {allowed}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class KernelSpec:
     bits: int
@@ -120,14 +127,9 @@ class KernelSpec:
     tile: TileConfig
 
     def __post_init__(self):
-        for name, value, allowed in (
-            ("bits", self.bits, SUPPORTED_BITS),
-            ("group", self.group, KERNEL_GROUPS),
-            ("dtype", self.dtype, DTYPES),
-            ("tile", self.tile, TILE_CONFIGS),
-        ):
-            if value not in allowed:
-                raise ValueError(f"kernel {name} must be one of {allowed}, got {value!r}")
+        _check_template_args(self.bits, self.group, self.dtype)
+        if self.tile not in TILE_CONFIGS:
+            raise ValueError(f"kernel tile must be one of {TILE_CONFIGS}, got {self.tile!r}")
         if not instantiated(self.group, self.tile):
             raise ValueError(f"tile config {self.tile} is not compiled for scale groups of "
                              f"{self.group}: it would spill registers")
@@ -155,17 +157,49 @@ class KernelSpec:
                 f"{t.nt}, {t.mt}, {t.wn}, {t.wk}, {t.stages}, {str(t.xs).lower()}>")
 
 
+@dataclass(frozen=True)
+class DequantSpec:
+    """cuda_src/lut_dequant.cuh's kernel for one (bits, group, dtype): W' written out dense."""
+
+    bits: int
+    group: int  # kernel GROUP, as KernelSpec's
+    dtype: str
+
+    WARPS = 8  # kDequantWarps
+    UNITS_PER_WARP = 4  # kDequantUnitsPerWarp: (n tile, chunk) units, one after the other
+
+    def __post_init__(self):
+        _check_template_args(self.bits, self.group, self.dtype)
+
+    @property
+    def shared_bytes(self) -> int:
+        return 4**self.bits * LUT_COPIES * 4
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.WARPS
+
+    @property
+    def name_expression(self) -> str:
+        return f"cuflute::lut_dequant<{self.bits}, {self.group}, {_CXX_TYPE[self.dtype]}>"
+
+
 def all_specs() -> list[KernelSpec]:
     return [KernelSpec(b, g, d, t)
             for b, g, d, t in itertools.product(SUPPORTED_BITS, KERNEL_GROUPS, DTYPES, TILE_CONFIGS)
             if instantiated(g, t)]
 
 
+def dequant_specs() -> list[DequantSpec]:
+    return [DequantSpec(b, g, d) for b, g, d in itertools.product(SUPPORTED_BITS, KERNEL_GROUPS, DTYPES)]
+
+
 def every_spec() -> list:
-    """Every specialization of both kernel families: the LUT GEMM's, then BCQ's."""
+    """Every specialization of both kernel families: the LUT GEMM's, its dequantization's,
+    then BCQ's."""
     from .bcq.kernels import all_specs as bcq_specs
 
-    return all_specs() + bcq_specs()
+    return all_specs() + dequant_specs() + bcq_specs()
 
 
 @lru_cache(maxsize=None)

@@ -10,7 +10,7 @@ A sweep file::
     group_sizes: [128]                        # or "channel" for one group per row
     dtypes: [float16]
     m_buckets: [1, 4, 16, 32, 64, 128]
-    candidates: all                           # or a list like [nt1_mt1_wk8_s2, nt2_mt2_wk4_s2]
+    candidates: all                           # or a list like [nt1_mt1_wk8_s2, dense]
 """
 from __future__ import annotations
 
@@ -24,11 +24,11 @@ import numpy as np
 import yaml
 
 from . import bench, reference
-from .dispatch import gpu_slug, heuristic_config, tuning_dir
+from .dispatch import DENSE, gpu_slug, heuristic_config, parse_config, tuning_dir
 from .dtypes import DTYPES
 from .formats import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 from .gemm import device_properties, qgemm
-from .kernels import TILE_CONFIGS, KernelSpec, TileConfig, instantiated, parse_tile_config
+from .kernels import TILE_CONFIGS, KernelSpec, TileConfig, instantiated
 from .packing import TILE_N, packed_nbytes, random_packed
 
 CHECK_TILES = 4  # row tiles of each weight compared with the NumPy reference
@@ -42,7 +42,7 @@ class Sweep:
     group_sizes: tuple  # ints, or "channel"
     dtypes: tuple[str, ...]
     m_buckets: tuple[int, ...]
-    candidates: tuple[TileConfig, ...]
+    candidates: tuple[TileConfig | str, ...]  # tile configs and DENSE
 
 
 def _as_list(doc: dict, key: str) -> list:
@@ -68,15 +68,18 @@ def load_sweep(path: str | Path) -> Sweep:
     if min(m_buckets) < 1:
         raise ValueError(f"m_buckets must be positive, got {list(m_buckets)}")
     candidates = doc.get("candidates", "all")
-    configs = TILE_CONFIGS if candidates == "all" else tuple(parse_tile_config(c) for c in candidates)
+    configs = TILE_CONFIGS + (DENSE,) if candidates == "all" else tuple(parse_config(c) for c in candidates)
     return Sweep(name=str(doc.get("name", Path(path).stem)), shapes=shapes,
                  bits=tuple(doc["bits"]), group_sizes=tuple(_as_list(doc, "group_sizes")),
                  dtypes=tuple(_as_list(doc, "dtypes")), m_buckets=m_buckets, candidates=configs)
 
 
-def useful_at(config: TileConfig, m: int) -> bool:
+def useful_at(config: TileConfig | str, m: int) -> bool:
     """Whether timing ``config`` at ``m`` rows can pay: an m tile more than twice the rows (or
-    wider than 8 at all when m <= 4) only multiplies by padding."""
+    wider than 8 at all when m <= 4) only multiplies by padding; below 32 rows, writing W' out
+    (DENSE) costs more than the whole LUT GEMM."""
+    if config == DENSE:
+        return m >= 32
     return config.block_m <= max(8, 2 * m)
 
 
@@ -98,8 +101,8 @@ def tune_problem(n, k, bits, group_size, dtype, sweep: Sweep, rotate_bytes, repl
     rows = (tiles[:, None] * TILE_N + np.arange(TILE_N)).ravel()
     sample = weights[0].take_tiles(tiles)
     group_arg = 0 if group is None else group
-    fitting = [c for c in sweep.candidates if instantiated(group_arg, c)
-               and KernelSpec(bits, group_arg, dtype, c).shared_bytes <= max_shared_bytes]
+    fitting = [c for c in sweep.candidates if c == DENSE or (
+        instantiated(group_arg, c) and KernelSpec(bits, group_arg, dtype, c).shared_bytes <= max_shared_bytes)]
     entries = []
     for m in sweep.m_buckets:
         x = torch.randn(m, k, dtype=getattr(torch, dtype), device="cuda")

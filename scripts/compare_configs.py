@@ -3,7 +3,8 @@
 python scripts/compare_configs.py --shapes 8192x8192,4096x4096 --m 1,16 --bits 4,3 \
     --configs nt1_mt1_wk8_s2,nt2_mt1_wk4_s2_xs [--extra nt1_mt1_wk8_s4 ...]
 
---extra names configs outside TILE_CONFIGS (compiled on the fly) to try before adding them.
+--configs may name "dense" (dequantize, then cuBLAS); --extra names configs outside TILE_CONFIGS
+(compiled on the fly) to try before adding them.
 Each config's output is first checked against the default config's. Prints us per call
 (CUDA-graph replays over rotated weights, as the benchmark) and the fraction of the copy
 roofline, one line per shape, M and bits.
@@ -13,7 +14,7 @@ from functools import partial
 
 import torch
 
-from cuflute import bench, kernels, qgemm
+from cuflute import bench, dispatch, kernels, qgemm
 from cuflute.packing import packed_nbytes, random_packed
 
 
@@ -30,7 +31,7 @@ def main():
 
     extra = [kernels.tile_config_from_name(c) for c in args.extra.split(",") if c]
     kernels.TILE_CONFIGS = kernels.TILE_CONFIGS + tuple(extra)  # admitted here, not in the library
-    configs = [kernels.parse_tile_config(c) for c in args.configs.split(",") if c] + extra
+    configs = [dispatch.parse_config(c) for c in args.configs.split(",") if c] + extra
     props = torch.cuda.get_device_properties(0)
     rotate = 2 * props.L2_cache_size
     copy_gbps = bench.measure_copy_gbps()

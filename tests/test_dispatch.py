@@ -1,7 +1,7 @@
 import pytest
 
 from cuflute import dispatch
-from cuflute.dispatch import gpu_slug, heuristic_config, select_config
+from cuflute.dispatch import DENSE, DENSE_MIN_M, gpu_slug, heuristic_config, parse_config, select_config
 from cuflute.kernels import (TILE_CONFIGS, KernelSpec, TileConfig, all_specs, instantiated,
                              parse_tile_config, tile_config_from_name)
 
@@ -10,19 +10,23 @@ from cuflute.kernels import (TILE_CONFIGS, KernelSpec, TileConfig, all_specs, in
 @pytest.mark.parametrize("n", [1, 16, 300, 4096, 57344])
 def test_heuristic_covers_every_m(m, n):
     tile = select_config(m, n, 4096, 4, 128, "float16")
-    assert tile in TILE_CONFIGS
-    assert tile.block_m <= max(8, 2 * m), f"{m=} {n=} {tile}"
+    if m >= DENSE_MIN_M:
+        assert tile == DENSE
+    else:
+        assert tile in TILE_CONFIGS
+        assert tile.block_m <= max(8, 2 * m), f"{m=} {n=} {tile}"
 
 
 def test_heuristic_m_tiles_follow_m():
     assert heuristic_config(1, 128).block_m == heuristic_config(8, 128).block_m == 8
     assert heuristic_config(9, 128).block_m == heuristic_config(16, 128).block_m == 16
-    assert heuristic_config(17, 128).block_m == heuristic_config(300, 0).block_m == 16
+    assert heuristic_config(17, 128).block_m == heuristic_config(DENSE_MIN_M - 1, 0).block_m == 16
+    assert heuristic_config(DENSE_MIN_M, 128) == heuristic_config(10**6, 0) == DENSE
 
 
 @pytest.mark.parametrize("group", [32, 64])
 def test_small_groups_never_get_four_m_tiles(group):
-    for m in (17, 64, 300):
+    for m in (17, 64, DENSE_MIN_M - 1):
         tile = select_config(m, 4096, 4096, 3, group, "bfloat16")
         assert instantiated(group, tile) and tile.mt == 2, (m, group, tile)
     with pytest.raises(ValueError, match="is not compiled for scale groups of 32"):
@@ -58,6 +62,7 @@ def test_parse_tile_config():
     assert tile_config_from_name("nt1_mt2_wn8_wk1_s3_xs") == TileConfig(1, 2, 1, 3, wn=8, xs=True)
     assert str(TileConfig(1, 2, 1, 3, wn=8, xs=True)) == "nt1_mt2_wn8_wk1_s3_xs"
     assert all(parse_tile_config(str(c)) == c for c in TILE_CONFIGS)
+    assert parse_config("dense") == DENSE and parse_config("nt1_mt1_wk4_s2") == TileConfig(1, 1, 4)
     with pytest.raises(ValueError, match="tile config must be one of"):
         parse_tile_config("nt3_mt3_wk3")
     with pytest.raises(ValueError, match="tile config must be one of"):
@@ -81,7 +86,8 @@ def test_tuned_table_overrides_the_heuristic(tmp_path, monkeypatch):
         with pytest.warns(UserWarning, match="nt9_mt1_wk8_s2.*ignored"):  # a config no longer built
             dispatch.tuned_table("Test GPU")
         assert pick(1) == pick(4) == TileConfig(2, 1, 4, xs=True)  # smallest bucket at or above m
-        assert pick(5) == pick(32) == pick(1000) == TileConfig(2, 2, 4)  # largest past the end
+        assert pick(5) == pick(32) == pick(DENSE_MIN_M - 1) == TileConfig(2, 2, 4)  # largest past the end
+        assert pick(DENSE_MIN_M) == DENSE  # ... unless the heuristic goes dense there
         assert pick(1, n=8192) == heuristic_config(1, 128)  # untuned shape: heuristic
         assert select_config(1, 4096, 4096, 4, 128, "float16", gpu_name="Other GPU") == \
             heuristic_config(1, 128)

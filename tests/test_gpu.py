@@ -11,6 +11,7 @@ import pytest
 
 import cuflute
 from cuflute import dtypes, reference
+from cuflute.dispatch import DENSE
 from cuflute.kernels import TILE_CONFIGS, instantiated
 
 pytestmark = pytest.mark.gpu
@@ -63,8 +64,8 @@ def test_kernel_matches_reference(bits, group_size, dtype, n, k):
         assert err < REL_ERROR_BOUND[dtype], f"rel error {err:.2e}: {where}"
 
 
-CONFIG_CASES = [(c, bits, g) for c in TILE_CONFIGS for bits, g in [(3, 32), (4, None), (2, 128)]
-                if instantiated(g or 0, c)]
+CONFIG_CASES = [(c, bits, g) for c in TILE_CONFIGS + (DENSE,) for bits, g in [(3, 32), (4, None), (2, 128)]
+                if c == DENSE or instantiated(g or 0, c)]
 
 
 @pytest.mark.parametrize("config, bits, group_size", CONFIG_CASES, ids=str)
@@ -98,14 +99,30 @@ def test_one_hot_rows_read_back_weight_columns_exactly(bits, dtype):
     np.testing.assert_array_equal(y, dtypes.round_to(w64[:, cols].T, dtype), err_msg=f"{bits=} {dtype}")
 
 
-def test_cupy_in_cupy_out():
+@pytest.mark.parametrize("config", [None, DENSE])
+def test_cupy_in_cupy_out(config):
     import cupy
 
     packed, w64 = _weight(1000, 1280, 4, 128, "float16")
     x64 = _random_x(5, 1280, "float16", seed=1)
-    y = cuflute.qgemm(cupy.asarray(x64.astype(np.float16)), packed)
+    y = cuflute.qgemm(cupy.asarray(x64.astype(np.float16)), packed, config=config)
     assert isinstance(y, cupy.ndarray) and y.dtype == np.float16 and y.shape == (5, 1000)
     assert _rel_error(cupy.asnumpy(y).astype(np.float64), x64 @ w64.T) < REL_ERROR_BOUND["float16"]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group_size", [32, 128, None])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_dequantize_is_the_reference_rounded(bits, group_size, dtype):
+    """W' written out (the dense path's first half) is the exact T[q] * S rounded once, at
+    every element, padding rows and columns cropped (N = 200, K = 768 are not whole tiles)."""
+    import cupy
+
+    packed, w64 = _weight(200, 768, bits, group_size, dtype)
+    w = cuflute.dequantize(packed)
+    assert isinstance(w, cupy.ndarray) and w.shape == (200, 768)
+    got = dtypes.from_bits(cupy.asnumpy(w.view(cupy.uint16)), dtype)
+    np.testing.assert_array_equal(got, dtypes.round_to(w64, dtype), err_msg=f"{bits=} {group_size=} {dtype}")
 
 
 def test_batch_dims_views_and_empty():

@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 
+from cuflute.dispatch import DENSE
 from cuflute.kernels import TILE_CONFIGS, TileConfig
 from cuflute.tune import load_sweep, useful_at
 
@@ -12,7 +13,7 @@ SWEEPS = Path(__file__).resolve().parent.parent / "tuning" / "sweeps"
 def test_committed_sweeps_load(path):
     sweep = load_sweep(path)
     assert sweep.shapes and sweep.m_buckets == tuple(sorted(sweep.m_buckets))
-    assert set(sweep.candidates) <= set(TILE_CONFIGS)
+    assert set(sweep.candidates) <= set(TILE_CONFIGS) | {DENSE}
 
 
 def _write(tmp_path, body):
@@ -26,11 +27,11 @@ BASE = ("shapes: [[64, 256]]\nbits: [4]\ngroup_sizes: [128, channel]\ndtypes: [f
 
 
 def test_sweep_fields(tmp_path):
-    sweep = load_sweep(_write(tmp_path, BASE + "candidates: [nt2_mt1_wk4_s2_xs, nt2_mt2_wk4_s2]\n"))
+    sweep = load_sweep(_write(tmp_path, BASE + "candidates: [nt2_mt1_wk4_s2_xs, nt2_mt2_wk4_s2, dense]\n"))
     assert sweep.name == "s" and sweep.shapes == ((64, 256),) and sweep.m_buckets == (1, 16)
     assert sweep.group_sizes == (128, "channel")
-    assert sweep.candidates == (TileConfig(2, 1, 4, xs=True), TileConfig(2, 2, 4))
-    assert load_sweep(_write(tmp_path, BASE)).candidates == TILE_CONFIGS
+    assert sweep.candidates == (TileConfig(2, 1, 4, xs=True), TileConfig(2, 2, 4), DENSE)
+    assert load_sweep(_write(tmp_path, BASE)).candidates == TILE_CONFIGS + (DENSE,)
 
 
 @pytest.mark.parametrize("replace, match", [
@@ -55,3 +56,4 @@ def test_useful_at_prunes_wide_m_tiles_for_small_m():
     wide = TileConfig(1, 4, 4)
     assert not useful_at(wide, 1) and not useful_at(wide, 15) and useful_at(wide, 16)
     assert all(useful_at(c, m) for c in TILE_CONFIGS if c.mt == 1 for m in (1, 4, 128))
+    assert not useful_at(DENSE, 16) and useful_at(DENSE, 32)
