@@ -5,7 +5,8 @@ The model is a transformers ``LlamaForCausalLM`` with Llama-3-8B's shapes and ra
 drawn on the GPU (normal, std 0.02). For cuflute every linear layer of the decoder becomes a
 ``QuantizedLinear`` over ``random_packed`` codes and scales (random, not zero): decoding speed
 does not depend on the values, and quantizing 8B weights with the NumPy quantizer would take
-minutes. The embeddings and ``lm_head`` stay fp16 in every variant.
+minutes. The embeddings and ``lm_head`` stay fp16 in every variant. Unless ``--no-fuse``, each
+MLP's gate and up projections are one layer (cuflute.fusion) in every variant, fp16 included.
 
 Method: per variant and batch size, a fresh ``StaticCache``; one decode step (embedding, the
 32 layers, ``lm_head``, argmax, the token fed back and the position advanced, all on the GPU)
@@ -232,6 +233,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, default=LLAMA3_8B["num_hidden_layers"],
                         help="decoder layers (default: Llama-3-8B's %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
+                        help="fuse each MLP's gate and up projections, in every variant (default: on)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the decode step before capturing it")
     parser.add_argument("--markdown", type=str, default=None, metavar="PATH",
@@ -247,11 +250,15 @@ def run(args: argparse.Namespace) -> int:
     import torch
     import transformers
 
+    from .fusion import fuse_gated_mlps
     from .packing import random_packed
     from .torch import QuantizedLinear
 
     batches, bits = args.batch or [1, 16], args.bits or [4, 3]
     model = build_model(args.layers, args.seed)
+    if args.fuse:
+        fuse_gated_mlps(model)
+        torch.cuda.empty_cache()
     results = []
     for variant in ["fp16", *(f"{b}-bit" for b in bits)]:
         if variant != "fp16":
@@ -272,7 +279,9 @@ def run(args: argparse.Namespace) -> int:
     header = (f"{gpu}, {date}; torch {torch.__version__}, transformers {transformers.__version__}, "
               f"Python {platform.python_version()}. Llama-3-8B shapes ({args.layers} layers), "
               f"random weights (cuflute: random packed codes and scales, g={GROUP_SIZE}, NF table; "
-              "embeddings and lm_head fp16 in all variants); greedy decoding from a "
+              "embeddings and lm_head fp16 in all variants; "
+              f"{'gate and up projections fused' if args.fuse else 'projections unfused'}); "
+              "greedy decoding from a "
               f"StaticCache of {EAGER_WARMUP_STEPS + GRAPH_WARMUP_REPLAYS + args.steps} slots, one "
               f"CUDA graph per decode step{' (torch.compile inside)' if args.compile else ''}, "
               f"{args.steps} timed steps.")

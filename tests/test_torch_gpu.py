@@ -232,3 +232,23 @@ def test_module_goes_through_the_op_that_dispatch_modes_see():
     assert "cuflute.qgemm.default" in record.ops, record.ops
     want = _poisoned_qgemm(x, layer)
     assert torch.isfinite(want).all() and torch.equal(eager, want) and torch.equal(recorded, want)
+
+
+@pytest.mark.parametrize("m", [1, 33])
+def test_fused_gate_up_on_the_gpu_matches_the_reference(m):
+    """A stacked pair of QuantizedLinear layers on the GPU (cuflute.fusion, CuPy arrays
+    concatenated) against the float64 reference of the stacked weight, and its two halves
+    against the separate layers' outputs."""
+    from cuflute.fusion import stack_rows
+
+    gate = QuantizedLinear.from_linear(_linear(512, 96, torch.float16, seed=11, bias=False), 4, 128)
+    up = QuantizedLinear.from_linear(_linear(512, 200, torch.float16, seed=12, bias=False), 4, 128)
+    fused = stack_rows([gate, up])
+    assert fused.qweight.is_cuda and fused.out_features == 296
+    x = _random_x((m, 512), torch.float16, seed=900 + m)
+    y = fused(x)
+    assert torch.isfinite(y).all()
+    err = _rel_error(y, _reference(fused, x))
+    assert err < REL_ERROR_BOUND["float16"], f"fused rel error {err:.2e}"
+    for half, layer in zip(y.split([96, 200], dim=-1), (gate, up)):
+        assert _rel_error(half, layer(x).double().cpu().numpy()) < REL_ERROR_BOUND["float16"]
