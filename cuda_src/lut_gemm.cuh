@@ -143,7 +143,7 @@ struct SharedLayout {
   static constexpr int kLutBytes = CodeLayout<BITS>::kLutBytes;
   static constexpr int kPipelineBytes = kLutBytes + STAGES * WARPS * Tile::kStageBytes;
   static constexpr int kPartialBytes = WK > 1 ? WARPS * NT * MT * 4 * 32 * 4 : 0;  // the warps' sums
-  // Stage s of warp w, lane 0's bytes: codes, then scales.
+  // Stage s of warp w, lane 0's bytes: codes, then scales, then (XS) x.
   static __device__ __forceinline__ unsigned char* stage(unsigned char* smem, int warp, int i) {
     return smem + kLutBytes + ((i % STAGES) * WARPS + warp) * Tile::kStageBytes;
   }

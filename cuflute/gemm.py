@@ -11,7 +11,7 @@ from functools import lru_cache
 from . import interop
 from .dispatch import DENSE, parse_config, select_config
 from .kernels import DequantSpec, KernelSpec, TileConfig, get_kernel
-from .packing import PackedWeight
+from .packing import TILE_N, PackedWeight
 
 _MAX_GRID_Y = 65535
 
@@ -67,14 +67,33 @@ def qgemm(x, packed: PackedWeight, out=None, config: TileConfig | str | None = N
     plan = _launch_plan(packed, mat.m, config)
     stream = interop.stream_ptr(mat)
     if plan.dense:
-        w = interop.empty_matrix(mat, packed.n, packed.k)
-        launch(plan.function, plan.grid, plan.threads, plan.shared_bytes, stream, mat.device,
-               (*plan.weights, interop.address(mat, w), *plan.sizes[1:]))
-        interop.matmul_transposed(mat, w, out)
+        _dense_gemm(mat, packed, plan, out, stream)
         return out
     launch(plan.function, plan.grid, plan.threads, plan.shared_bytes, stream,
            mat.device, (mat.ptr, mat.row_stride, *plan.weights, out_ptr, *plan.sizes))
     return out
+
+
+# The dense path dequantizes and multiplies W' in slabs of whole tiles of at most this many
+# bytes, so that its temporary stays bounded (57344 x 8192 in fp16 would be 940 MB at once).
+DENSE_SLAB_BYTES = 256 << 20
+
+
+def _dense_gemm(mat: interop.DeviceMatrix, packed: PackedWeight, plan: "LaunchPlan", out,
+                stream: int) -> None:
+    """out = x @ W'^T, slab by slab of W' rows: lut_dequant into a temporary, then cuBLAS."""
+    rows = min(packed.n, max(TILE_N, DENSE_SLAB_BYTES // (2 * packed.k) // TILE_N * TILE_N))
+    w = interop.empty_matrix(mat, rows, packed.k)
+    qweight, scales, pair_lut = plan.weights
+    tile_bytes = (packed.qweight.nbytes // packed.n_tiles, packed.scales.nbytes // packed.n_tiles)
+    per_cta = DequantSpec.WARPS * DequantSpec.UNITS_PER_WARP
+    for n0 in range(0, packed.n, rows):
+        n, tile0 = min(rows, packed.n - n0), n0 // TILE_N
+        grid = (-(-(-(-n // TILE_N)) * packed.k_chunks // per_cta), 1, 1)
+        launch(plan.function, grid, plan.threads, plan.shared_bytes, stream, mat.device,
+               (qweight + tile0 * tile_bytes[0], scales + tile0 * tile_bytes[1], pair_lut,
+                interop.address(mat, w), n, packed.k, packed.k_chunks, packed.n_groups))
+        interop.matmul_transposed(mat, w[:n], out, n0)
 
 
 def dequantize(packed: PackedWeight):

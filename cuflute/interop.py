@@ -141,17 +141,23 @@ def address(mat: DeviceMatrix, array) -> int:
     return array.data_ptr() if mat.kind == "torch" else array.data.ptr
 
 
-def matmul_transposed(mat: DeviceMatrix, w, out) -> None:
-    """out [..., N] = x @ w.T for w [N, K] of x's kind, by x's framework (cuBLAS) on the stream
-    that stream_ptr names."""
+def matmul_transposed(mat: DeviceMatrix, w, out, col0: int = 0) -> None:
+    """out[..., col0 : col0 + len(w)] = x @ w.T for w [n, K] of x's kind, by x's framework
+    (cuBLAS) on the stream that stream_ptr names."""
     x2d = mat.array.reshape(mat.m, mat.k)
+    n = w.shape[0]
     if mat.kind == "torch":
-        _torch().mm(x2d, w.t(), out=out.view(mat.m, -1))
+        # a column slice of a row-major out is a matrix with a leading dimension: no copy
+        _torch().mm(x2d, w.t(), out=out.view(mat.m, -1)[:, col0:col0 + n])
         return
     import cupy
 
+    out2d = out.reshape(mat.m, -1)
     with cupy.cuda.Device(mat.device):
-        cupy.matmul(x2d, w.T, out=out.reshape(mat.m, -1))
+        if n == out2d.shape[1]:
+            cupy.matmul(x2d, w.T, out=out2d)
+        else:
+            out2d[:, col0:col0 + n] = cupy.matmul(x2d, w.T)
 
 
 def check_output(out, mat: DeviceMatrix, n: int):

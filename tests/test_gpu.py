@@ -110,6 +110,27 @@ def test_cupy_in_cupy_out(config):
     assert _rel_error(cupy.asnumpy(y).astype(np.float64), x64 @ w64.T) < REL_ERROR_BOUND["float16"]
 
 
+@pytest.mark.parametrize("kind", ["torch", "cupy"])
+def test_dense_path_in_slabs(kind, monkeypatch):
+    """The dense path with its temporary cut to 48 rows: 200 rows go in slabs of 48, 48, 48,
+    48 and 8 (the last one ragged), each written into its columns of out."""
+    import cupy
+
+    from cuflute import gemm
+
+    monkeypatch.setattr(gemm, "DENSE_SLAB_BYTES", 2 * 768 * 48 + 100)
+    packed, w64 = _weight(200, 768, 3, 128, "float16")
+    x64 = _random_x(40, 768, "float16", seed=77)
+    if kind == "torch":
+        x, out = _to_torch(x64, "float16"), torch.full((40, 200), float("nan"), dtype=torch.float16, device="cuda")
+    else:
+        x, out = cupy.asarray(x64.astype(np.float16)), cupy.full((40, 200), np.nan, dtype=np.float16)
+    y = cuflute.qgemm(x, packed, out=out, config=DENSE)
+    y64 = y.double().cpu().numpy() if kind == "torch" else cupy.asnumpy(y).astype(np.float64)
+    assert np.all(np.isfinite(y64))
+    assert _rel_error(y64, x64 @ w64.T) < REL_ERROR_BOUND["float16"]
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("group_size", [32, 128, None])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
