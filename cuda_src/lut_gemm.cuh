@@ -29,9 +29,10 @@
 //   XS      x goes through the pipeline with the codes (a lane copies the 16-byte pieces of x
 //           its B fragments take) instead of being loaded from global memory one batch ahead:
 //           at M >= 16 most x loads miss L1, and one batch ahead is too short for L2's latency
+//   COPIES  copies of the pair LUT in shared memory: 32 or 16 (CodeLayout)
 //
 // Dynamic shared memory (cuflute.kernels.KernelSpec.shared_bytes computes the same):
-//   [pair LUT x kLutCopies][STAGES][WN * WK warps][NT * BITS code vectors][32 lanes] uint4
+//   [pair LUT x COPIES][STAGES][WN * WK warps][NT * BITS code vectors][32 lanes] uint4
 //                                           [NT * groups per chunk][32 lanes]  u32
 //                                  XS only: [MT][8 step pairs][32 lanes]       uint4 (x)
 //   and, once the K loop is over, the warps' partial sums from the start.
@@ -72,11 +73,6 @@
 
 namespace cuflute {
 
-// LUT copies: cuflute.kernels passes LUT_COPIES as a -D option.
-#ifndef CUFLUTE_LUT_COPIES
-#define CUFLUTE_LUT_COPIES 32
-#endif
-
 constexpr int kChunkK = 256;              // k per (tile, chunk): 16 mma steps of k16
 constexpr int kStepsPerChunk = kChunkK / 16;
 
@@ -85,16 +81,18 @@ __device__ __forceinline__ u32 move_bits(u32 v, int from, int to) {
   return from >= to ? v >> (from - to) : v << (to - from);
 }
 
-template <int BITS> struct CodeLayout {
+template <int BITS, int COPIES = 32> struct CodeLayout {
   static_assert(BITS >= 2 && BITS <= 4, "BITS must be 2, 3 or 4");
   static constexpr int kWords = 4 * BITS;                 // per lane per (tile, chunk)
   static constexpr int kLutEntries = 1 << (2 * BITS);
-  // The pair LUT sits in shared memory kLutCopies times, interleaved: entry f of copy c at byte
+  // The pair LUT sits in shared memory COPIES times, interleaved: entry f of copy c at byte
   // 4 (kLutCopies f + c). Lane l reads copy l % kLutCopies; with 32 copies every lane has a bank
-  // of its own whatever the fields (32 KiB for 4 bits, 8 KiB for 3, 2 KiB for 2).
-  static constexpr int kLutCopies = CUFLUTE_LUT_COPIES;
-  static constexpr int kEntryShift = CUFLUTE_LUT_COPIES == 32 ? 7 : CUFLUTE_LUT_COPIES == 16 ? 6 : 5;
-  static_assert(4 * kLutCopies == 1 << kEntryShift, "kLutCopies must be 8, 16 or 32");
+  // of its own whatever the fields (32 KiB for 4 bits, 8 KiB for 3, 2 KiB for 2); with 16, lanes
+  // l and l + 16 share one and collide when their entries differ by an even number (half the
+  // size, so more CTAs an SM where shared memory is what limits them).
+  static constexpr int kLutCopies = COPIES;
+  static constexpr int kEntryShift = COPIES == 32 ? 7 : COPIES == 16 ? 6 : 5;
+  static_assert(4 * kLutCopies == 1 << kEntryShift, "COPIES must be 8, 16 or 32");
   static constexpr int kLutBytes = kLutEntries * kLutCopies * 4;
 
   // Byte offset of pair p of step s in that LUT, for the lane whose copy starts at lane_bytes:
@@ -137,10 +135,10 @@ template <int BITS, int GROUP, int NT, int MT, bool XS = false> struct WarpTile 
   using Acc = float[NT][MT][4];
 };
 
-template <int BITS, int GROUP, int NT, int MT, int WARPS, int WK, int STAGES, bool XS>
+template <int BITS, int GROUP, int NT, int MT, int WARPS, int WK, int STAGES, bool XS, int COPIES>
 struct SharedLayout {
   using Tile = WarpTile<BITS, GROUP, NT, MT, XS>;
-  static constexpr int kLutBytes = CodeLayout<BITS>::kLutBytes;
+  static constexpr int kLutBytes = CodeLayout<BITS, COPIES>::kLutBytes;
   static constexpr int kPipelineBytes = kLutBytes + STAGES * WARPS * Tile::kStageBytes;
   static constexpr int kPartialBytes = WK > 1 ? WARPS * NT * MT * 4 * 32 * 4 : 0;  // the warps' sums
   // Stage s of warp w, lane 0's bytes: codes, then scales, then (XS) x.
@@ -176,12 +174,12 @@ __device__ __forceinline__ void check_dynamic_shared(u32 needed) {
   if (dynamic_bytes < needed) __trap();  // launched with less than KernelSpec.shared_bytes
 }
 
-// The pair LUT, kLutCopies interleaved copies, written four copies (16 bytes) a store.
-template <int BITS>
+// The pair LUT, COPIES interleaved copies, written four copies (16 bytes) a store.
+template <int BITS, int COPIES>
 __device__ __forceinline__ void fill_lut(unsigned char* smem, const u32* __restrict__ pair_lut,
                                          int thread, int threads) {
-  constexpr int kCopies = CodeLayout<BITS>::kLutCopies;
-  constexpr int kVectors = CodeLayout<BITS>::kLutBytes / 16;
+  constexpr int kCopies = CodeLayout<BITS, COPIES>::kLutCopies;
+  constexpr int kVectors = CodeLayout<BITS, COPIES>::kLutBytes / 16;
   uint4* dst = reinterpret_cast<uint4*>(smem);
   for (int i = thread; i < kVectors; i += threads) {
     const u32 v = __ldg(pair_lut + i / (kCopies / 4));
@@ -295,7 +293,7 @@ __device__ __forceinline__ void load_x_staged(typename WarpTile<BITS, GROUP, NT,
 // acc += the products of one chunk c. xv holds batch 0 of chunk c on entry; the next batch of x
 // is in flight while one computes. Without XS, xv holds batch 0 of chunk c_next (if c_next >= 0)
 // on exit; with XS, x comes from x_stage, the stage's copy, and the caller loads batch 0.
-template <int BITS, int GROUP, typename T, int NT, int MT, bool XS>
+template <int BITS, int GROUP, typename T, int NT, int MT, bool XS, int COPIES>
 __device__ __forceinline__ void mma_chunk(typename WarpTile<BITS, GROUP, NT, MT>::Acc& acc,
                                           const typename WarpTile<BITS, GROUP, NT, MT>::Codes& w,
                                           const typename WarpTile<BITS, GROUP, NT, MT>::Scales& sw,
@@ -305,7 +303,7 @@ __device__ __forceinline__ void mma_chunk(typename WarpTile<BITS, GROUP, NT, MT>
                                           const char* lut, u32 lane_bytes, int tig) {
   using Tile = WarpTile<BITS, GROUP, NT, MT>;
   using Traits = DTypeTraits<T>;
-  using Layout = CodeLayout<BITS>;
+  using Layout = CodeLayout<BITS, COPIES>;
   constexpr int kStepsPerGroup = Tile::kStepsPerGroup;
   // Unscaled sums of the current group; GROUP == 0 sums straight into acc.
   float part[NT][MT][4];
@@ -401,7 +399,8 @@ __device__ __forceinline__ void for_each_output(const float (&acc)[NT][MT][4], i
       }
 }
 
-template <int BITS, int GROUP, typename T, int NT, int MT, int WN, int WK, int STAGES, bool XS>
+template <int BITS, int GROUP, typename T, int NT, int MT, int WN, int WK, int STAGES, bool XS,
+          int COPIES>
 // One tile of each kind: 128 registers (16 warps an SM), which it fits without spilling.
 // More tiles: all the registers they need, down to one CTA an SM.
 __global__ void __launch_bounds__(32 * WN * WK, NT * MT == 1 ? 16 / (WN * WK) : 1)
@@ -411,7 +410,7 @@ lut_gemm(const T* __restrict__ x, long long x_row_stride,
          int M, int N, int K, int k_chunks, int n_groups) {
   using Tile = WarpTile<BITS, GROUP, NT, MT>;
   constexpr int kWarps = WN * WK;
-  using Smem = SharedLayout<BITS, GROUP, NT, MT, kWarps, WK, STAGES, XS>;
+  using Smem = SharedLayout<BITS, GROUP, NT, MT, kWarps, WK, STAGES, XS, COPIES>;
   constexpr int kXOffset = WarpTile<BITS, GROUP, NT, MT, XS>::kXOffset;
   constexpr int kAccPerWarp = NT * MT * 4 * 32;            // (nt, mt, c register, lane)
   extern __shared__ __align__(16) unsigned char smem[];
@@ -422,7 +421,7 @@ lut_gemm(const T* __restrict__ x, long long x_row_stride,
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int wn = warp % WN, wk = warp / WN;
   const int gid = lane >> 2, tig = lane & 3;
-  const u32 lane_bytes = 4 * (lane % CodeLayout<BITS>::kLutCopies);
+  const u32 lane_bytes = 4 * (lane % COPIES);
   const int n_tiles = (N + 15) / 16;
   // m blocks vary fastest, so the CTAs that read the same weight rows run together and the
   // second and later ones find the weight in L2.
@@ -463,7 +462,7 @@ lut_gemm(const T* __restrict__ x, long long x_row_stride,
   for (int i = 0; i < STAGES - 1; ++i) issue(i);
   typename Tile::XBatch xv;
   if (!XS && my_chunks > 0) load_x<BITS, GROUP, NT, MT>(xv, x_lane, wk, 0, K, tig);
-  fill_lut<BITS>(smem, pair_lut, threadIdx.x, 32 * kWarps);
+  fill_lut<BITS, COPIES>(smem, pair_lut, threadIdx.x, 32 * kWarps);
   __syncthreads();
 
   for (int i = 0; i < my_chunks; ++i) {
@@ -475,7 +474,7 @@ lut_gemm(const T* __restrict__ x, long long x_row_stride,
     read_stage<BITS, GROUP, NT, MT>(Smem::stage(smem, warp, i), lane, w, sw);
     if constexpr (XS) load_x_staged<BITS, GROUP, NT, MT>(xv, x_stage(i), 0);
     const int c = wk + i * WK;
-    mma_chunk<BITS, GROUP, T, NT, MT, XS>(acc, w, sw, xv, x_lane, x_stage(i), c,
+    mma_chunk<BITS, GROUP, T, NT, MT, XS, COPIES>(acc, w, sw, xv, x_lane, x_stage(i), c,
                                          i + 1 < my_chunks ? c + WK : -1, K,
                                          reinterpret_cast<const char*>(smem), lane_bytes, tig);
   }

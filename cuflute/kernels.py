@@ -22,7 +22,8 @@ _PACKAGE = Path(__file__).resolve().parent
 CUDA_SRC = next(p for p in (_PACKAGE / "cuda_src", _PACKAGE.parent / "cuda_src") if p.is_dir())
 KERNEL_GROUPS = SUPPORTED_GROUP_SIZES + (0,)  # 0: one group per row
 TARGET_ARCHS = (80, 86, 89, 90)
-# The pair LUT's copies in shared memory (cuda_src/lut_gemm.cuh), passed to it as a -D option.
+# The pair LUT's copies in shared memory (cuda_src/lut_gemm.cuh's CodeLayout), unless a tile
+# config says otherwise; lut_dequant always has these.
 LUT_COPIES = 32
 _CXX_TYPE = {"float16": "__half", "bfloat16": "__nv_bfloat16"}
 # One header per kernel family; every specialization of every family compiles from one source.
@@ -33,7 +34,8 @@ KERNEL_HEADERS = ("lut_gemm.cuh", "lut_dequant.cuh", "bcq_gemv.cuh")
 class TileConfig:
     """A CTA shape: NT 16-row n tiles per warp, MT 8-column m tiles, WN warps side by side
     along n times WK warps splitting K, each warp's cp.async pipeline STAGES chunks deep and
-    carrying x too when XS (else x is loaded from global memory a batch ahead)."""
+    carrying x too when XS (else x is loaded from global memory a batch ahead), and LUT_COPIES
+    copies of the pair LUT in shared memory (16: half the bytes, some bank conflicts)."""
 
     nt: int
     mt: int
@@ -41,6 +43,7 @@ class TileConfig:
     stages: int = 2
     wn: int = 1
     xs: bool = False
+    lut_copies: int = LUT_COPIES
 
     @property
     def block_m(self) -> int:
@@ -61,23 +64,25 @@ class TileConfig:
     def __str__(self) -> str:
         wn = f"_wn{self.wn}" if self.wn > 1 else ""
         xs = "_xs" if self.xs else ""
-        return f"nt{self.nt}_mt{self.mt}{wn}_wk{self.wk}_s{self.stages}{xs}"
+        copies = f"_c{self.lut_copies}" if self.lut_copies != LUT_COPIES else ""
+        return f"nt{self.nt}_mt{self.mt}{wn}_wk{self.wk}_s{self.stages}{xs}{copies}"
 
 
 # For compilation time, only the shapes that the dispatcher and the tuner use are instantiated.
 TILE_CONFIGS = (
     TileConfig(nt=1, mt=1, wk=8),
     TileConfig(nt=1, mt=1, wk=4),
-    TileConfig(nt=1, mt=2, wk=4),
     TileConfig(nt=2, mt=2, wk=4),
     TileConfig(nt=1, mt=4, wk=4),
-    TileConfig(nt=2, mt=4, wk=4),
     # x through the pipeline: two n tiles a warp halve the x each weight byte needs
     TileConfig(nt=1, mt=1, wk=4, xs=True),
     TileConfig(nt=2, mt=1, wk=4, xs=True),
     TileConfig(nt=2, mt=2, wk=2, xs=True),
     TileConfig(nt=2, mt=2, wk=4, xs=True),
     TileConfig(nt=2, mt=4, wk=2, xs=True),
+    # half the LUT: at M >= 16 shared memory, not bank conflicts, limits these
+    TileConfig(nt=2, mt=2, wk=2, xs=True, lut_copies=16),
+    TileConfig(nt=2, mt=4, wk=2, xs=True, lut_copies=16),
     # four warps side by side along n share x through L1: M >= 64
     TileConfig(nt=1, mt=4, wk=1, wn=4),
 )
@@ -90,15 +95,16 @@ def instantiated(group: int, tile: TileConfig) -> bool:
 
 
 def tile_config_from_name(text: str) -> TileConfig:
-    """'nt2_mt1_wk8_s3' -> TileConfig(2, 1, 8, 3), 'nt1_mt4_wn8_wk1_s2_xs' -> TileConfig(1, 4,
-    1, 2, wn=8, xs=True) (no _wn: one warp along n; no _xs: x not staged), whether or not it is
-    one of TILE_CONFIGS."""
-    match = re.fullmatch(r"nt(\d+)_mt(\d+)(?:_wn(\d+))?_wk(\d+)_s(\d+)(_xs)?", text.strip())
+    """'nt2_mt1_wk8_s3' -> TileConfig(2, 1, 8, 3), 'nt1_mt4_wn8_wk1_s2_xs_c16' -> TileConfig(1,
+    4, 1, 2, wn=8, xs=True, lut_copies=16) (no _wn: one warp along n; no _xs: x not staged; no
+    _c: LUT_COPIES), whether or not it is one of TILE_CONFIGS."""
+    match = re.fullmatch(r"nt(\d+)_mt(\d+)(?:_wn(\d+))?_wk(\d+)_s(\d+)(_xs)?(?:_c(\d+))?", text.strip())
     if not match:
-        raise ValueError(f"tile config must look like nt2_mt1_wk8_s3 or nt1_mt4_wn8_wk1_s2_xs, "
+        raise ValueError(f"tile config must look like nt2_mt1_wk8_s3 or nt1_mt4_wn8_wk1_s2_xs_c16, "
                          f"got {text!r}")
-    nt, mt, wn, wk, stages, xs = match.groups()
-    return TileConfig(int(nt), int(mt), int(wk), int(stages), int(wn or 1), bool(xs))
+    nt, mt, wn, wk, stages, xs, copies = match.groups()
+    return TileConfig(int(nt), int(mt), int(wk), int(stages), int(wn or 1), bool(xs),
+                      int(copies or LUT_COPIES))
 
 
 def parse_tile_config(text: str) -> TileConfig:
@@ -138,7 +144,7 @@ class KernelSpec:
     def shared_bytes(self) -> int:
         """Dynamic shared memory of a CTA: cuda_src/lut_gemm.cuh's SharedLayout."""
         t = self.tile
-        lut = 4**self.bits * LUT_COPIES * 4
+        lut = 4**self.bits * t.lut_copies * 4
         groups_per_chunk = 1 if self.group == 0 else CHUNK_K // self.group
         x_vectors = t.mt * CHUNK_K // 32 if t.xs else 0
         warp_stage = 32 * (16 * t.nt * self.bits + 4 * t.nt * groups_per_chunk + 16 * x_vectors)
@@ -154,7 +160,7 @@ class KernelSpec:
     def name_expression(self) -> str:
         t = self.tile
         return (f"cuflute::lut_gemm<{self.bits}, {self.group}, {_CXX_TYPE[self.dtype]}, "
-                f"{t.nt}, {t.mt}, {t.wn}, {t.wk}, {t.stages}, {str(t.xs).lower()}>")
+                f"{t.nt}, {t.mt}, {t.wn}, {t.wk}, {t.stages}, {str(t.xs).lower()}, {t.lut_copies}>")
 
 
 @dataclass(frozen=True)
@@ -216,7 +222,7 @@ def source() -> str:
 
 
 def compile_options() -> tuple[str, ...]:
-    return ("-std=c++17", f"-I{CUDA_SRC}", f"-DCUFLUTE_LUT_COPIES={LUT_COPIES}")
+    return ("-std=c++17", f"-I{CUDA_SRC}")
 
 
 @lru_cache(maxsize=None)

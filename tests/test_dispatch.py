@@ -45,11 +45,11 @@ def test_kernel_spec_validation():
 
 def test_name_expression_and_count():
     spec = KernelSpec(3, 0, "bfloat16", TileConfig(2, 2, 4))
-    assert spec.name_expression == "cuflute::lut_gemm<3, 0, __nv_bfloat16, 2, 2, 1, 4, 2, false>"
+    assert spec.name_expression == "cuflute::lut_gemm<3, 0, __nv_bfloat16, 2, 2, 1, 4, 2, false, 32>"
     staged = KernelSpec(4, 128, "float16", TileConfig(2, 1, 4, xs=True))
-    assert staged.name_expression == "cuflute::lut_gemm<4, 128, __half, 2, 1, 1, 4, 2, true>"
+    assert staged.name_expression == "cuflute::lut_gemm<4, 128, __half, 2, 1, 1, 4, 2, true, 32>"
     side_by_side = KernelSpec(2, 128, "float16", TileConfig(1, 4, 1, wn=4))
-    assert side_by_side.name_expression == "cuflute::lut_gemm<2, 128, __half, 1, 4, 4, 1, 2, false>"
+    assert side_by_side.name_expression == "cuflute::lut_gemm<2, 128, __half, 1, 4, 4, 1, 2, false, 32>"
     assert side_by_side.threads == 128
     four_m_tiles = sum(c.mt == 4 for c in TILE_CONFIGS)
     assert len(all_specs()) == 3 * 2 * (5 * len(TILE_CONFIGS) - 2 * four_m_tiles)
@@ -61,6 +61,9 @@ def test_parse_tile_config():
     assert parse_tile_config("nt1_mt4_wn4_wk1_s2") == TileConfig(1, 4, 1, wn=4)
     assert tile_config_from_name("nt1_mt2_wn8_wk1_s3_xs") == TileConfig(1, 2, 1, 3, wn=8, xs=True)
     assert str(TileConfig(1, 2, 1, 3, wn=8, xs=True)) == "nt1_mt2_wn8_wk1_s3_xs"
+    assert parse_tile_config("nt2_mt4_wk2_s2_xs_c16") == TileConfig(2, 4, 2, xs=True, lut_copies=16)
+    assert KernelSpec(4, 128, "float16", TileConfig(2, 4, 2, xs=True, lut_copies=16)).name_expression \
+        == "cuflute::lut_gemm<4, 128, __half, 2, 4, 1, 2, 2, true, 16>"
     assert all(parse_tile_config(str(c)) == c for c in TILE_CONFIGS)
     assert parse_config("dense") == DENSE and parse_config("nt1_mt1_wk4_s2") == TileConfig(1, 1, 4)
     with pytest.raises(ValueError, match="tile config must be one of"):
