@@ -2,8 +2,8 @@
 
 At decode sizes each projection is a pass over its weight, and a short one pays the launch and
 the ramp of a whole kernel: one layer twice as tall does the two in one pass (on the H100 at
-M = 1, Llama-3-8B's two 14336 x 4096 4-bit projections take 19.4 us each, the fused
-28672 x 4096 one 30.8 us; tuning/configs). ``fuse_gated_mlps`` replaces every module with
+M = 1, Llama-3-8B's two 14336 x 4096 4-bit projections take 18.8 us each, the fused
+28672 x 4096 one 31.3 us; tuning/configs). ``fuse_gated_mlps`` replaces every module with
 ``gate_proj``, ``up_proj``, ``down_proj`` and ``act_fn`` (the MLP of Llama, Mistral and Qwen2 in
 transformers) by a ``GatedMLP`` over nn.Linear or QuantizedLinear layers alike. It is a runtime
 transform: checkpoints keep the unfused layout, so fuse after loading.
