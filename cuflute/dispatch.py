@@ -16,10 +16,13 @@ _PACKAGE = Path(__file__).resolve().parent
 # dense tensor-core GEMM over it (cuBLAS, through torch or CuPy). Wins at large M, where the
 # LUT GEMM's per-fragment lookups and x traffic cost more than writing and reading W' once.
 DENSE = "dense"
-DENSE_MIN_M = 128  # the heuristic's threshold: H100, all 8 benchmark shapes (BENCHMARKS.md)
+# The heuristic's threshold: on the H100 the dense path is about even with the best tile config at
+# M = 128 and 3x faster at M = 512 (docs/PERF_NOTES.md, v13).
+DENSE_MIN_M = 128
 _DECODE = TileConfig(nt=2, mt=1, wk=4, xs=True)
 _DECODE_WIDE_M = TileConfig(nt=2, mt=2, wk=4, xs=True)
-_LARGE_M = TileConfig(nt=2, mt=2, wk=2, xs=True)
+_LARGE_M = TileConfig(nt=2, mt=4, wk=2, xs=True, lut_copies=16)
+_LARGE_M_SMALL_GROUPS = TileConfig(nt=2, mt=2, wk=2, xs=True, lut_copies=16)
 
 
 def tuning_dir() -> Path:
@@ -68,15 +71,17 @@ def parse_config(text: str) -> TileConfig | str:
 
 def heuristic_config(m: int, group: int) -> TileConfig | str:
     """Two 16-row n tiles a warp, x staged with the codes: up to 8 rows of x, one m tile and 4
-    warps splitting K; up to 16, two m tiles and 4 warps; past that, two m tiles and 2 warps
-    (fewer warps, more CTAs an SM). The configs the H100 tuning picked most often for each M
-    (tuning/configs); every group size builds them (kernels.instantiated). From DENSE_MIN_M
-    rows, DENSE."""
+    warps splitting K; up to 16, two m tiles and 4 warps; past that, four m tiles, 2 warps and
+    a LUT of 16 copies (more CTAs an SM), or two m tiles for scale groups too small for four
+    (kernels.instantiated). From DENSE_MIN_M rows, DENSE. The choices the H100 tuning made most
+    often for each M (tuning/configs)."""
     if m >= DENSE_MIN_M:
         return DENSE
     if m <= 8:
         return _DECODE
-    return _DECODE_WIDE_M if m <= 16 else _LARGE_M
+    if m <= 16:
+        return _DECODE_WIDE_M
+    return _LARGE_M if instantiated(group, _LARGE_M) else _LARGE_M_SMALL_GROUPS
 
 
 def select_config(m: int, n: int, k: int, bits: int, group: int, dtype: str,

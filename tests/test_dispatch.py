@@ -20,7 +20,8 @@ def test_heuristic_covers_every_m(m, n):
 def test_heuristic_m_tiles_follow_m():
     assert heuristic_config(1, 128).block_m == heuristic_config(8, 128).block_m == 8
     assert heuristic_config(9, 128).block_m == heuristic_config(16, 128).block_m == 16
-    assert heuristic_config(17, 128).block_m == heuristic_config(DENSE_MIN_M - 1, 0).block_m == 16
+    assert heuristic_config(17, 128).block_m == heuristic_config(DENSE_MIN_M - 1, 0).block_m == 32
+    assert heuristic_config(17, 64).block_m == 16  # four m tiles are not built for groups of 64
     assert heuristic_config(DENSE_MIN_M, 128) == heuristic_config(10**6, 0) == DENSE
 
 
