@@ -1,5 +1,8 @@
 """NVRTC compiles every kernel specialization of both families for each target architecture:
 no GPU needed."""
+import os
+from concurrent.futures import ProcessPoolExecutor
+
 import pytest
 
 from cuflute.kernels import TARGET_ARCHS, every_spec, nvrtc_compile, parse_ptxas_log
@@ -7,10 +10,24 @@ from cuflute.kernels import TARGET_ARCHS, every_spec, nvrtc_compile, parse_ptxas
 pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
 
 
-@pytest.mark.parametrize("arch", TARGET_ARCHS)
-def test_every_specialization_compiles_without_local_memory(arch):
+@pytest.fixture(scope="module")
+def compiled():
+    """{arch: (specs, their ResourceUsage)}: minutes of NVRTC per arch, so the (arch, slice of
+    the specs) programs compile in parallel processes, one per core."""
     specs = every_spec()
-    usages = nvrtc_compile(specs, arch)
+    workers = os.cpu_count() or 1
+    parts = max(1, workers // len(TARGET_ARCHS))
+    size = -(-len(specs) // parts)
+    slices = [specs[i:i + size] for i in range(0, len(specs), size)]
+    with ProcessPoolExecutor(min(workers, len(TARGET_ARCHS) * len(slices))) as pool:
+        jobs = {arch: [pool.submit(nvrtc_compile, part, arch) for part in slices] for arch in TARGET_ARCHS}
+        return {arch: (specs, [u for job in arch_jobs for u in job.result()])
+                for arch, arch_jobs in jobs.items()}
+
+
+@pytest.mark.parametrize("arch", TARGET_ARCHS)
+def test_every_specialization_compiles_without_local_memory(arch, compiled):
+    specs, usages = compiled[arch]
     assert len(usages) == len(specs)
     for spec, usage in zip(specs, usages):
         detail = f"sm_{arch} {spec.name_expression}: {usage}"
