@@ -118,6 +118,11 @@ def parse_tile_config(text: str) -> TileConfig:
     return config
 
 
+def lut_bytes(bits: int, copies: int) -> int:
+    """Shared memory of the pair LUT: cuda_src/lut_gemm.cuh's CodeLayout::kLutBytes."""
+    return 4**bits * copies * 4
+
+
 def _check_template_args(bits: int, group: int, dtype: str) -> None:
     for name, value, allowed in (("bits", bits, SUPPORTED_BITS), ("group", group, KERNEL_GROUPS),
                                  ("dtype", dtype, DTYPES)):
@@ -144,7 +149,7 @@ class KernelSpec:
     def shared_bytes(self) -> int:
         """Dynamic shared memory of a CTA: cuda_src/lut_gemm.cuh's SharedLayout."""
         t = self.tile
-        lut = 4**self.bits * t.lut_copies * 4
+        lut = lut_bytes(self.bits, t.lut_copies)
         groups_per_chunk = 1 if self.group == 0 else CHUNK_K // self.group
         x_vectors = t.mt * CHUNK_K // 32 if t.xs else 0
         warp_stage = 32 * (16 * t.nt * self.bits + 4 * t.nt * groups_per_chunk + 16 * x_vectors)
@@ -179,7 +184,7 @@ class DequantSpec:
 
     @property
     def shared_bytes(self) -> int:
-        return 4**self.bits * LUT_COPIES * 4
+        return lut_bytes(self.bits, LUT_COPIES)
 
     @property
     def threads(self) -> int:
