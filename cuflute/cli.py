@@ -15,6 +15,12 @@ def _compile(args: argparse.Namespace) -> int:
     compiled, too_big = precompile(args.device, workers=args.workers)
     print(f"compiled {compiled} specializations for cuda:{args.device}; {too_big} need more "
           f"shared memory than it has and never run there")
+    try:
+        from .torch import native_launcher
+    except ImportError:
+        return 0  # no torch: nothing more to build
+    built = native_launcher() is not None
+    print(f"torch.ops.cuflute.qgemm's C++ launcher: {'built' if built else 'not built (see the warning)'}")
     return 0
 
 

@@ -175,33 +175,35 @@ def time_decoding(model, batch: int, steps: int, seed: int, compile_step: bool =
 
 
 def host_time_us(layer, x) -> dict[str, float]:
-    """Host microseconds of one eager call, each path: the median over rounds of back-to-back
-    calls issued while a sleep kernel keeps the GPU busy, so that only the host is timed."""
+    """Host microseconds of one eager call, each path (and torch's own x + x for scale): the
+    median over rounds of back-to-back calls issued while a sleep kernel keeps the GPU busy, so
+    that only the host is timed."""
     import torch
 
     from .gemm import qgemm
 
     packed = layer.packed()
     args = (layer.qweight, layer.scales, layer.pair_lut, layer.out_features,
-            layer.in_features, layer.bits, layer.group_size, layer.dtype)
+            layer.in_features, layer.bits, layer.group_size, packed.dtype)
     paths = {
         "cuflute.qgemm(x, packed)": lambda: qgemm(x, packed),
         "torch.ops.cuflute.qgemm": lambda: torch.ops.cuflute.qgemm(x, *args),
         "QuantizedLinear(x)": lambda: layer(x),
+        # for scale: an eager torch op that allocates its output and launches one kernel
+        "x + x (torch)": lambda: x + x,
     }
-    times = {}
-    for name, call in paths.items():
-        rounds = []
-        for _ in range(HOST_TIMING_ROUNDS):
+    # Round-robin over the paths, so that the host's drift (clocks, other tenants) reaches all.
+    rounds = {name: [] for name in paths}
+    for _ in range(HOST_TIMING_ROUNDS):
+        for name, call in paths.items():
             torch.cuda.synchronize()
             torch.cuda._sleep(BUSY_GPU_CYCLES)
             t0 = time.perf_counter()
             for _ in range(HOST_TIMING_CALLS):
                 call()
-            rounds.append((time.perf_counter() - t0) / HOST_TIMING_CALLS * 1e6)
-        torch.cuda.synchronize()
-        times[name] = statistics.median(rounds)
-    return times
+            rounds[name].append((time.perf_counter() - t0) / HOST_TIMING_CALLS * 1e6)
+    torch.cuda.synchronize()
+    return {name: statistics.median(r) for name, r in rounds.items()}
 
 
 def markdown(results: list[Result], header: str, bits: list[int]) -> str:

@@ -64,7 +64,7 @@ def qgemm(x, packed: PackedWeight, out=None, config: TileConfig | str | None = N
     out, out_ptr = interop.output(mat, packed.n, out)
     if mat.m == 0 or packed.n == 0:
         return out
-    plan = _launch_plan(packed, mat.m, config)
+    plan = launch_plan(packed, mat.m, config)
     stream = interop.stream_ptr(mat)
     if plan.dense:
         _dense_gemm(mat, packed, plan, out, stream)
@@ -83,17 +83,28 @@ def _dense_gemm(mat: interop.DeviceMatrix, packed: PackedWeight, plan: "LaunchPl
                 stream: int) -> None:
     """out = x @ W'^T, slab by slab of W' rows: lut_dequant into a temporary, then cuBLAS."""
     rows = min(packed.n, max(TILE_N, DENSE_SLAB_BYTES // (2 * packed.k) // TILE_N * TILE_N))
-    w = interop.empty_matrix(mat, rows, packed.k)
-    qweight, scales, pair_lut = plan.weights
-    tile_bytes = (packed.qweight.nbytes // packed.n_tiles, packed.scales.nbytes // packed.n_tiles)
-    per_cta = DequantSpec.WARPS * DequantSpec.UNITS_PER_WARP
+    w = interop.empty(mat, (rows, packed.k))
     for n0 in range(0, packed.n, rows):
-        n, tile0 = min(rows, packed.n - n0), n0 // TILE_N
-        grid = (-(-(-(-n // TILE_N)) * packed.k_chunks // per_cta), 1, 1)
-        launch(plan.function, grid, plan.threads, plan.shared_bytes, stream, mat.device,
-               (qweight + tile0 * tile_bytes[0], scales + tile0 * tile_bytes[1], pair_lut,
-                interop.address(mat, w), n, packed.k, packed.k_chunks, packed.n_groups))
+        n = min(rows, packed.n - n0)
+        _dequantize_rows(plan, packed, n0, n, interop.address(mat, w), stream)
         interop.matmul_transposed(mat, w[:n], out, n0)
+
+
+def _dequant_grid(n: int, k_chunks: int) -> tuple[int, int, int]:
+    """lut_dequant's CTAs for n rows: one (16-row tile, chunk) unit per warp at a time."""
+    units = -(-n // TILE_N) * k_chunks
+    return (-(-units // (DequantSpec.WARPS * DequantSpec.UNITS_PER_WARP)), 1, 1)
+
+
+def _dequantize_rows(plan: "LaunchPlan", packed: PackedWeight, n0: int, n: int, w_ptr: int,
+                     stream: int) -> None:
+    """W' rows [n0, n0 + n) (n0 a multiple of 16) into the row-major [n, K] array at w_ptr."""
+    qweight, scales, pair_lut = plan.weights
+    tile0 = n0 // TILE_N
+    tile_bytes = (packed.qweight.nbytes // packed.n_tiles, packed.scales.nbytes // packed.n_tiles)
+    launch(plan.function, _dequant_grid(n, packed.k_chunks), plan.threads, plan.shared_bytes,
+           stream, packed.device, (qweight + tile0 * tile_bytes[0], scales + tile0 * tile_bytes[1],
+                                   pair_lut, w_ptr, n, packed.k, packed.k_chunks, packed.n_groups))
 
 
 def dequantize(packed: PackedWeight):
@@ -108,10 +119,8 @@ def dequantize(packed: PackedWeight):
     with cupy.cuda.Device(packed.device):
         w = cupy.empty((packed.n, packed.k), dtype="float16" if packed.dtype == "float16" else "uint16")
         if w.size:
-            plan = _launch_plan(packed, 1, DENSE)
-            launch(plan.function, plan.grid, plan.threads, plan.shared_bytes,
-                   cupy.cuda.get_current_stream().ptr, packed.device,
-                   (*plan.weights, w.data.ptr, *plan.sizes[1:]))
+            _dequantize_rows(launch_plan(packed, 1, DENSE), packed, 0, packed.n, w.data.ptr,
+                             cupy.cuda.get_current_stream().ptr)
     return w
 
 
@@ -125,7 +134,9 @@ class LaunchPlan:
     shared_bytes: int
     weights: tuple[int, int, int]  # addresses of qweight, scales, pair_lut
     sizes: tuple[int, ...]  # M, N, K, k_chunks, n_groups
-    dense: bool  # function is lut_dequant's (launched with sizes[1:]), not lut_gemm's
+    # function is lut_dequant's, not lut_gemm's, and grid covers all of W' (_dequantize_rows
+    # makes the grid of each slab)
+    dense: bool
 
 
 # (id(packed), M, config) -> (weak reference to packed, LaunchPlan). A PackedWeight is frozen,
@@ -135,7 +146,8 @@ _PLANS: dict[tuple, tuple[weakref.ref, LaunchPlan]] = {}
 _MAX_PLANS = 4096
 
 
-def _launch_plan(packed: PackedWeight, m: int, config: TileConfig | None) -> LaunchPlan:
+def launch_plan(packed: PackedWeight, m: int, config: TileConfig | str | None) -> LaunchPlan:
+    """What qgemm launches for ``packed`` at M = m (cached per packed object, M and config)."""
     key = (id(packed), m, config)
     entry = _PLANS.get(key)
     if entry is not None and entry[0]() is packed:
@@ -159,10 +171,8 @@ def _new_plan(packed: PackedWeight, m: int, config: TileConfig | str | None) -> 
     sizes = (m, packed.n, packed.k, packed.k_chunks, packed.n_groups)
     if tile == DENSE:
         spec = DequantSpec(packed.bits, packed.kernel_group, packed.dtype)
-        per_cta = DequantSpec.WARPS * DequantSpec.UNITS_PER_WARP
-        grid = (-(-packed.n_tiles * packed.k_chunks // per_cta), 1, 1)
-        return LaunchPlan(get_kernel(spec, device), grid, spec.threads, spec.shared_bytes, weights,
-                          sizes, dense=True)
+        return LaunchPlan(get_kernel(spec, device), _dequant_grid(packed.n, packed.k_chunks),
+                          spec.threads, spec.shared_bytes, weights, sizes, dense=True)
     grid = (-(-m // tile.block_m), -(-packed.n_tiles // tile.block_n_tiles), 1)
     if grid[1] > _MAX_GRID_Y:
         raise ValueError(f"N = {packed.n} needs {grid[1]} CTA rows, more than CUDA's {_MAX_GRID_Y}")

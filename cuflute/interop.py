@@ -106,16 +106,16 @@ def _torch():
 
 
 def output(mat: DeviceMatrix, n: int, out=None) -> tuple[object, int]:
-    """(out, its address): the caller's ``out`` once validated, else a new uninitialised one."""
+    """(out, its address): the caller's ``out`` once validated, else a new uninitialised
+    [..., N] one."""
     if out is not None:
         return out, check_output(out, mat, n)
-    out = empty_output(mat, n)
+    out = empty(mat, (*mat.lead_shape, n))
     return out, address(mat, out)
 
 
-def empty_output(mat: DeviceMatrix, n: int):
-    """An uninitialised [..., N] output of x's kind, dtype and device."""
-    shape = (*mat.lead_shape, n)
+def empty(mat: DeviceMatrix, shape: tuple):
+    """An uninitialised array of x's kind, dtype and device."""
     if mat.kind == "torch":
         return mat.array.new_empty(shape)
     import cupy
@@ -124,16 +124,6 @@ def empty_output(mat: DeviceMatrix, n: int):
         return cupy.empty(shape, dtype=mat.array.dtype)
     with cupy.cuda.Device(mat.device):
         return cupy.empty(shape, dtype=mat.array.dtype)
-
-
-def empty_matrix(mat: DeviceMatrix, rows: int, cols: int):
-    """An uninitialised [rows, cols] array of x's kind, dtype and device (a temporary)."""
-    if mat.kind == "torch":
-        return mat.array.new_empty((rows, cols))
-    import cupy
-
-    with cupy.cuda.Device(mat.device):
-        return cupy.empty((rows, cols), dtype=mat.array.dtype)
 
 
 def address(mat: DeviceMatrix, array) -> int:

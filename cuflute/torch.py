@@ -1,16 +1,22 @@
 """PyTorch: the ``torch.ops.cuflute.qgemm`` custom op, ``QuantizedLinear`` and ``quantize_model``.
 
 The op takes the packed arrays as tensors (int32 / int16 views of the packer's uint32 / uint16
-words, so that ``module.to(dtype)`` leaves them alone), the static ints and the packed dtype,
-and runs the same launch path as ``cuflute.qgemm``. Its fake implementation
-only states the output's shape and dtype, so ``torch.compile(fullgraph=True)`` traces through
-it; the real one allocates nothing through CuPy and never synchronizes, so CUDA graphs capture it.
+words, so that ``module.to(dtype)`` leaves them alone), the static ints and the packed dtype's
+name. For CUDA tensors a C++ kernel (``native_launcher``) launches what ``cuflute.qgemm`` would,
+asking the Python one once per weight and M; the Python kernel runs the same launch path as
+``cuflute.qgemm`` for the rest. Its fake implementation only states the output's shape and dtype,
+so ``torch.compile(fullgraph=True)`` traces through it; the real ones allocate nothing through
+CuPy and never synchronize, so CUDA graphs capture them.
 
 Nothing here touches a GPU at import time.
 """
 from __future__ import annotations
 
 import fnmatch
+import os
+import sys
+import threading
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import gemm
+from . import gemm, interop
 from .formats import SUPPORTED_GROUP_SIZES, _check_bits, int_table, nf_table, quantize, resolve_table
 from .packing import CHUNK_K, LANES, TILE_N, PackedWeight, pack, padded_groups, pair_lut
 
@@ -30,9 +36,11 @@ _CUPY_DTYPES = {"qweight": "uint32", "scales": "uint16", "pair_lut": "uint32"}
 
 _LIB = torch.library.Library("cuflute", "DEF")
 # Defined through torch.library.Library rather than torch.library.custom_op: the latter's
-# Python wrapper costs about 12 us of host time per eager call, this about 3 us.
+# Python wrapper costs about 12 us of host time per eager call, this about 3 us. The dtype goes
+# as its name ("float16" or "bfloat16"): the dispatcher's boxing of a ScalarType into a Python
+# torch.dtype costs about 3 us a call, twice the rest of the arguments together.
 _LIB.define("qgemm(Tensor x, Tensor qweight, Tensor scales, Tensor pair_lut, "
-            "int n, int k, int bits, int group_size, ScalarType dtype) -> Tensor")
+            "int n, int k, int bits, int group_size, str dtype) -> Tensor")
 
 
 def packed_shapes(n: int, k: int, bits: int, group_size: int) -> dict[str, tuple[int, ...]]:
@@ -51,7 +59,7 @@ def _dtype_name(dtype) -> str:
     return _DTYPE_NAMES[dtype]
 
 
-# (data pointers, device, n, k, bits, group, dtype) -> PackedWeight of CuPy views. The views own
+# (data pointers, n, k, bits, group, dtype) -> PackedWeight of CuPy views. The views own
 # nothing: they are used only inside a call whose caller holds the tensors at those addresses,
 # and memory freed and reused at the same address with the same key has the same layout.
 _VIEWS: dict[tuple, PackedWeight] = {}
@@ -62,8 +70,8 @@ def _cupy_view(tensor: torch.Tensor, name: str, shape: tuple, device: int):
     import cupy
 
     if tensor.device.type != "cuda" or tensor.device.index != device:
-        raise TypeError(f"{name} is on {tensor.device}, x on cuda:{device}: move the packed "
-                        "weight (the QuantizedLinear module) to x's device")
+        raise TypeError(f"{name} is on {tensor.device}, qweight on cuda:{device}: keep the packed "
+                        "arrays (the QuantizedLinear module's buffers) on one device")
     if tensor.dtype != _BUFFER_DTYPES[name] or tuple(tensor.shape) != shape:
         raise ValueError(f"{name} must be {_BUFFER_DTYPES[name]} of shape {shape}, "
                          f"got {tensor.dtype} of shape {tuple(tensor.shape)}")
@@ -73,32 +81,99 @@ def _cupy_view(tensor: torch.Tensor, name: str, shape: tuple, device: int):
     return cupy.ndarray(shape, _CUPY_DTYPES[name], cupy.cuda.MemoryPointer(memory, 0))
 
 
-def _new_view(tensors: dict, device, n, k, bits, group_size, dtype) -> PackedWeight:
+def _check_dtype_name(dtype: str) -> str:
+    if dtype not in _TORCH_DTYPES:
+        raise ValueError(f"dtype must be 'float16' or 'bfloat16', got {dtype!r}")
+    return dtype
+
+
+def _new_view(qweight, scales, pair_lut, n, k, bits, group_size, dtype) -> PackedWeight:
+    if qweight.device.type != "cuda":
+        raise TypeError(f"qweight is on {qweight.device}: move the packed weight (the "
+                        "QuantizedLinear module) to x's CUDA device")
+    device = qweight.device.index
     shapes = packed_shapes(n, k, _check_bits(bits), group_size)
+    tensors = {"qweight": qweight, "scales": scales, "pair_lut": pair_lut}
     views = {name: _cupy_view(t, name, shapes[name], device) for name, t in tensors.items()}
-    return PackedWeight(n=n, k=k, bits=bits, group_size=group_size, dtype=_dtype_name(dtype),
+    return PackedWeight(n=n, k=k, bits=bits, group_size=group_size, dtype=_check_dtype_name(dtype),
                         table=None,  # the launch reads only the pair LUT
                         device=device, **views)
 
 
-def _qgemm(x, qweight, scales, pair_lut, n, k, bits, group_size, dtype):
-    if not x.is_cuda:
-        raise TypeError(f"x is a torch tensor on {x.device}; cuflute needs a CUDA tensor")
-    device = x.get_device()
-    key = (qweight.data_ptr(), scales.data_ptr(), pair_lut.data_ptr(),
-           device, n, k, bits, group_size, dtype)
+def _packed_view(x, qweight, scales, pair_lut, n, k, bits, group_size, dtype) -> PackedWeight:
+    # Addresses are unique across devices (unified addressing), so they and the static
+    # arguments name the view; gemm.qgemm checks x against it (kind, device, dtype, K).
+    key = (qweight.data_ptr(), scales.data_ptr(), pair_lut.data_ptr(), n, k, bits, group_size, dtype)
     packed = _VIEWS.get(key)
     if packed is None:
-        tensors = {"qweight": qweight, "scales": scales, "pair_lut": pair_lut}
-        packed = _new_view(tensors, device, n, k, bits, group_size, dtype)
+        interop.as_device_matrix(x)  # x's own errors first: on the host, or not a tensor
+        packed = _new_view(qweight, scales, pair_lut, n, k, bits, group_size, dtype)
         if len(_VIEWS) >= _MAX_VIEWS:
             _VIEWS.clear()
         _VIEWS[key] = packed
-    return gemm.qgemm(x, packed)
+    return packed
+
+
+def _qgemm(x, qweight, scales, pair_lut, n, k, bits, group_size, dtype):
+    """The op's Python kernel: what the C++ one (native_launcher) does not take, and all of it
+    until that one is loaded, which the first call with a CUDA tensor sets off."""
+    if _native is None and getattr(x, "is_cuda", False):
+        native_launcher()
+    return gemm.qgemm(x, _packed_view(x, qweight, scales, pair_lut, n, k, bits, group_size, dtype))
+
+
+def _native_plan(x, qweight, scales, pair_lut, n, k, bits, group_size, dtype):
+    """For the C++ kernel, once per (weight, M): the lut_gemm launch that qgemm would make, or
+    None where qgemm would not make one launch (the dense path)."""
+    packed = _packed_view(x, qweight, scales, pair_lut, n, k, bits, group_size, dtype)
+    mat = interop.as_device_matrix(x)
+    gemm.check_operands(mat, packed)
+    plan = gemm.launch_plan(packed, mat.m, None)
+    if plan.dense:
+        return None
+    return (plan.function.ptr, *plan.grid, plan.threads, plan.shared_bytes, *plan.sizes[3:])
+
+
+_native = None  # the C++ launcher's module once loaded, False where it cannot be
+_native_lock = threading.Lock()
+
+
+def native_launcher():
+    """The C++ kernel of ``torch.ops.cuflute.qgemm`` for CUDA tensors (cuda_src/torch_op.cpp),
+    built with torch's C++ extension tools the first time (about a minute, then cached by
+    torch in ``TORCH_EXTENSIONS_DIR``) and loaded: the eager op's host time without the Python
+    dispatch (docs/PERF_NOTES.md). ``None`` where it cannot be built (no C++ compiler or
+    CUDA toolkit headers; a warning says why) or ``CUFLUTE_NATIVE_OP=0``: the Python kernel
+    then serves every call, with the same results."""
+    global _native
+    with _native_lock:
+        if _native is None:
+            _native = False
+            if os.environ.get("CUFLUTE_NATIVE_OP", "1") != "0":
+                _native = _build_native() or False
+    return _native or None
+
+
+def _build_native():
+    from torch.utils import cpp_extension
+
+    from .kernels import CUDA_SRC
+
+    print("cuflute: building the C++ launcher of torch.ops.cuflute.qgemm (once)", file=sys.stderr)
+    try:
+        module = cpp_extension.load(name="cuflute_torch_op", sources=[str(CUDA_SRC / "torch_op.cpp")],
+                                    extra_cflags=["-O2"], with_cuda=True)
+    except Exception as error:  # no compiler, no toolkit headers, a failed build: all say the same
+        warnings.warn(f"cuflute: the C++ launcher of torch.ops.cuflute.qgemm could not be built "
+                      f"({type(error).__name__}: {error}); the Python one serves every call",
+                      stacklevel=3)
+        return None
+    module.set_python_side(_native_plan, _qgemm)
+    return module
 
 
 def _qgemm_fake(x, qweight, scales, pair_lut, n, k, bits, group_size, dtype):
-    if x.dtype != dtype:
+    if x.dtype != _TORCH_DTYPES[_check_dtype_name(dtype)]:
         raise TypeError(f"x has dtype {x.dtype}, the packed weight was packed for {dtype}")
     if x.shape[-1] != k:
         raise ValueError(f"x has K = {x.shape[-1]} (last dim), the packed weight has K = {k}")
@@ -200,9 +275,9 @@ class QuantizedLinear(nn.Module):
         # The buffers from _buffers directly: nn.Module.__getattr__ costs about 0.5 us for each,
         # a tenth of the host time of the whole call.
         buffers = self._buffers
-        args = (x, buffers["qweight"], buffers["scales"], buffers["pair_lut"],
-                self.out_features, self.in_features, self.bits, self.group_size, self.dtype)
-        y = _QGEMM(*args)
+        y = _QGEMM(x, buffers["qweight"], buffers["scales"], buffers["pair_lut"],
+                   self.out_features, self.in_features, self.bits, self.group_size,
+                   _DTYPE_NAMES[self.dtype])
         bias = buffers["bias"]
         return y if bias is None else y.add_(bias)
 

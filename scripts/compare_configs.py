@@ -32,6 +32,8 @@ def main():
     extra = [kernels.tile_config_from_name(c) for c in args.extra.split(",") if c]
     kernels.TILE_CONFIGS = kernels.TILE_CONFIGS + tuple(extra)  # admitted here, not in the library
     configs = [dispatch.parse_config(c) for c in args.configs.split(",") if c] + extra
+    kernels.precompile(0, [kernels.KernelSpec(b, args.group_size, "float16", c) for b in args.bits
+                           for c in configs if c != dispatch.DENSE], workers=16)
     props = torch.cuda.get_device_properties(0)
     rotate = 2 * props.L2_cache_size
     copy_gbps = bench.measure_copy_gbps()

@@ -65,7 +65,8 @@ def test_constructor_rejects_what_the_kernel_cannot_run(kwargs, message):
 
 def _op_args(layer, device="meta"):
     return (layer.qweight.to(device), layer.scales.to(device), layer.pair_lut.to(device),
-            layer.out_features, layer.in_features, layer.bits, layer.group_size, layer.dtype)
+            layer.out_features, layer.in_features, layer.bits, layer.group_size,
+            str(layer.dtype).removeprefix("torch."))
 
 
 def test_fake_implementation_gives_shape_and_dtype():
@@ -73,8 +74,10 @@ def test_fake_implementation_gives_shape_and_dtype():
     x = torch.empty(2, 7, 512, dtype=torch.bfloat16, device="meta")
     y = torch.ops.cuflute.qgemm(x, *_op_args(layer))
     assert (tuple(y.shape), y.dtype) == ((2, 7, 300), torch.bfloat16)
-    with pytest.raises(TypeError, match="packed for torch.bfloat16"):
+    with pytest.raises(TypeError, match="packed for bfloat16"):
         torch.ops.cuflute.qgemm(x.to(torch.float16), *_op_args(layer))
+    with pytest.raises(ValueError, match="'float16' or 'bfloat16', got 'half'"):
+        torch.ops.cuflute.qgemm(x, *_op_args(layer)[:-1], "half")
     with pytest.raises(ValueError, match="K = 256"):
         torch.ops.cuflute.qgemm(x[..., :256], *_op_args(layer))
 

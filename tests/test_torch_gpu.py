@@ -92,11 +92,46 @@ def test_op_matches_qgemm(bits, group_size, dtype):
         want = _poisoned_qgemm(x, layer)
         assert torch.isfinite(want).all(), f"{bits=} {group_size=} {dtype} {m=}"
         got = torch.ops.cuflute.qgemm(x, layer.qweight, layer.scales, layer.pair_lut,
-                                      n, k,
-                                      bits, layer.group_size, _dtype(dtype))
+                                      n, k, bits, layer.group_size, dtype)
         assert tuple(got.shape) == (m, n) and torch.isfinite(got).all(), f"{bits=} {group_size=} {dtype} {m=}"
         err = _rel_error(got, want.double().cpu().numpy())
         assert err < REL_ERROR_BOUND[dtype], f"op vs qgemm rel error {err:.2e}: {bits=} {group_size=} {dtype} {m=}"
+
+
+def test_native_launcher_takes_the_ops_cuda_calls_and_matches_qgemm():
+    """The C++ kernel (cuflute.torch.native_launcher) is the op's CUDA kernel, and its outputs
+    equal cuflute.qgemm's bit for bit (the same kernel and config): for the calls it launches
+    itself (contiguous x, leading dims, on a side stream) and those it hands to the Python
+    kernel (a strided x, M on the dense path, M = 0, errors)."""
+    from cuflute.torch import native_launcher
+
+    native = native_launcher()
+    if native is None:
+        pytest.skip("the C++ launcher cannot be built here (see the warning)")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("cuflute::qgemm", "CUDA")
+    side = torch.cuda.Stream()
+    for bits, group_size, dtype in CASES:
+        layer = QuantizedLinear.from_linear(_linear(768, 200, _dtype(dtype), seed=11), bits, group_size)
+        plans = native.plan_count()
+        xs = [_random_x((1, 768), _dtype(dtype), 1), _random_x((3, 5, 768), _dtype(dtype), 2),
+              _random_x((33, 768), _dtype(dtype), 3), _random_x((300, 768), _dtype(dtype), 4),
+              _random_x((4, 1536), _dtype(dtype), 5)[:, ::2], _random_x((0, 768), _dtype(dtype), 6)]
+        for x in xs:
+            where = f"{bits=} {group_size=} {dtype} x {tuple(x.shape)} strides {x.stride()}"
+            want = _poisoned_qgemm(x, layer)
+            assert torch.equal(layer(x), want), where
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                on_side = layer(x)
+            side.synchronize()
+            assert torch.equal(on_side, want), f"side stream: {where}"
+        assert native.plan_count() > plans, "no call went through the C++ launcher"
+        wrong = torch.float16 if dtype == "bfloat16" else torch.bfloat16
+        with pytest.raises(TypeError, match="packed weight was packed for"):
+            layer(xs[0].to(wrong))
+        with pytest.raises(ValueError, match="K = 512"):
+            torch.ops.cuflute.qgemm(xs[0][:, :512].contiguous(), layer.qweight, layer.scales,
+                                    layer.pair_lut, 200, 768, bits, layer.group_size, dtype)
 
 
 def _mlp(dtype="float16", seed=0):
