@@ -159,7 +159,8 @@ def _build_native():
 
     from .kernels import CUDA_SRC
 
-    print("cuflute: building the C++ launcher of torch.ops.cuflute.qgemm (once)", file=sys.stderr)
+    print("cuflute: loading the C++ launcher of torch.ops.cuflute.qgemm (the first time on a "
+          "machine it is built: about a minute)", file=sys.stderr)
     try:
         module = cpp_extension.load(name="cuflute_torch_op", sources=[str(CUDA_SRC / "torch_op.cpp")],
                                     extra_cflags=["-O2"], with_cuda=True)

@@ -292,3 +292,22 @@ def test_quantize_command_refuses_other_architectures(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ValueError, match="'bert' model"):
         hf.quantize_checkpoint(tmp_path, tmp_path / "out")
+
+
+def test_native_launcher_can_be_turned_off_and_a_failed_build_leaves_the_python_kernel(monkeypatch):
+    import cuflute.torch as cuflute_torch
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(cuflute_torch, "_native", None)
+    monkeypatch.setenv("CUFLUTE_NATIVE_OP", "0")
+    assert cuflute_torch.native_launcher() is None
+
+    def no_compiler(**kwargs):
+        raise RuntimeError("no C++ compiler here")
+
+    monkeypatch.setattr(cuflute_torch, "_native", None)
+    monkeypatch.setenv("CUFLUTE_NATIVE_OP", "1")
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    with pytest.warns(UserWarning, match="could not be built .*no C\\+\\+ compiler here"):
+        assert cuflute_torch.native_launcher() is None
+    assert cuflute_torch.native_launcher() is None  # tried once, not again
