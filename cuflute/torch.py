@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import gemm, interop
+from .dtypes import check_dtype
 from .formats import SUPPORTED_GROUP_SIZES, _check_bits, int_table, nf_table, quantize, resolve_table
 from .packing import CHUNK_K, LANES, TILE_N, PackedWeight, pack, padded_groups, pair_lut
 
@@ -37,8 +38,8 @@ _CUPY_DTYPES = {"qweight": "uint32", "scales": "uint16", "pair_lut": "uint32"}
 _LIB = torch.library.Library("cuflute", "DEF")
 # Defined through torch.library.Library rather than torch.library.custom_op: the latter's
 # Python wrapper costs about 12 us of host time per eager call, this about 3 us. The dtype goes
-# as its name ("float16" or "bfloat16"): the dispatcher's boxing of a ScalarType into a Python
-# torch.dtype costs about 3 us a call, twice the rest of the arguments together.
+# as its name ("float16" or "bfloat16"): boxing a ScalarType into a Python torch.dtype cost 3 to
+# 4 us a call on the development machine's CPU, more than the other eight arguments together.
 _LIB.define("qgemm(Tensor x, Tensor qweight, Tensor scales, Tensor pair_lut, "
             "int n, int k, int bits, int group_size, str dtype) -> Tensor")
 
@@ -81,12 +82,6 @@ def _cupy_view(tensor: torch.Tensor, name: str, shape: tuple, device: int):
     return cupy.ndarray(shape, _CUPY_DTYPES[name], cupy.cuda.MemoryPointer(memory, 0))
 
 
-def _check_dtype_name(dtype: str) -> str:
-    if dtype not in _TORCH_DTYPES:
-        raise ValueError(f"dtype must be 'float16' or 'bfloat16', got {dtype!r}")
-    return dtype
-
-
 def _new_view(qweight, scales, pair_lut, n, k, bits, group_size, dtype) -> PackedWeight:
     if qweight.device.type != "cuda":
         raise TypeError(f"qweight is on {qweight.device}: move the packed weight (the "
@@ -95,7 +90,7 @@ def _new_view(qweight, scales, pair_lut, n, k, bits, group_size, dtype) -> Packe
     shapes = packed_shapes(n, k, _check_bits(bits), group_size)
     tensors = {"qweight": qweight, "scales": scales, "pair_lut": pair_lut}
     views = {name: _cupy_view(t, name, shapes[name], device) for name, t in tensors.items()}
-    return PackedWeight(n=n, k=k, bits=bits, group_size=group_size, dtype=_check_dtype_name(dtype),
+    return PackedWeight(n=n, k=k, bits=bits, group_size=group_size, dtype=check_dtype(dtype),
                         table=None,  # the launch reads only the pair LUT
                         device=device, **views)
 
@@ -174,7 +169,7 @@ def _build_native():
 
 
 def _qgemm_fake(x, qweight, scales, pair_lut, n, k, bits, group_size, dtype):
-    if x.dtype != _TORCH_DTYPES[_check_dtype_name(dtype)]:
+    if x.dtype != _TORCH_DTYPES[check_dtype(dtype)]:
         raise TypeError(f"x has dtype {x.dtype}, the packed weight was packed for {dtype}")
     if x.shape[-1] != k:
         raise ValueError(f"x has K = {x.shape[-1]} (last dim), the packed weight has K = {k}")

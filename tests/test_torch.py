@@ -76,7 +76,7 @@ def test_fake_implementation_gives_shape_and_dtype():
     assert (tuple(y.shape), y.dtype) == ((2, 7, 300), torch.bfloat16)
     with pytest.raises(TypeError, match="packed for bfloat16"):
         torch.ops.cuflute.qgemm(x.to(torch.float16), *_op_args(layer))
-    with pytest.raises(ValueError, match="'float16' or 'bfloat16', got 'half'"):
+    with pytest.raises(ValueError, match=r"dtype must be one of \('float16', 'bfloat16'\), got 'half'"):
         torch.ops.cuflute.qgemm(x, *_op_args(layer)[:-1], "half")
     with pytest.raises(ValueError, match="K = 256"):
         torch.ops.cuflute.qgemm(x[..., :256], *_op_args(layer))
