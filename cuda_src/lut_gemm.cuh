@@ -12,8 +12,9 @@
 // with NT tiles, and WK along K splitting the K chunks. Each warp streams its chunks through a
 // private cp.async pipeline, looks code pairs up in the shared pair LUT and runs mma against x;
 // the WK warps of a column add their sums in shared memory at the end. The WN warps of a row read
-// the same x at about the same time, so that x comes from L1 once per CTA rather than from L2
-// once per 16 weight rows: at M >= 16 that re-read, not the weight, is what fills L2.
+// the same x: at M >= 16 re-reading x from L2 for every 16 or 32 weight rows, not the weight, is
+// what fills L2 (docs/PERF_NOTES.md), so with XS = kXShared they copy it into shared memory once
+// between them.
 // (A persistent Stream-K variant measured slower at every shape: docs/PERF_NOTES.md.)
 //
 // Template parameters
@@ -25,16 +26,22 @@
 //   WN      warps side by side along n
 //   WK      warps along K
 //   STAGES  depth of each warp's cp.async pipeline: STAGES - 1 chunks in flight while one is
-//           computed (every lane copies, then reads back, only its own bytes: no barrier needed)
-//   XS      x goes through the pipeline with the codes (a lane copies the 16-byte pieces of x
-//           its B fragments take) instead of being loaded from global memory one batch ahead:
-//           at M >= 16 most x loads miss L1, and one batch ahead is too short for L2's latency
+//           computed (every lane copies, then reads back, only its own bytes: no barrier needed,
+//           except for kXShared's x)
+//   XS      where the B fragments (x) come from:
+//           kXGlobal  global memory, loaded one batch ahead;
+//           kXWarp    the warp's pipeline stage: a lane copies the 16-byte pieces of x its B
+//                     fragments take along with the codes (at M >= 16 most x loads miss L1, and
+//                     one batch ahead is too short for L2's latency);
+//           kXShared  one copy a stage for the WN warps of a K slice, each copying 1/WN of the
+//                     pieces, in the same per-lane order; a named barrier per chunk (WN > 1)
 //   COPIES  copies of the pair LUT in shared memory: 32 or 16 (CodeLayout)
 //
 // Dynamic shared memory (cuflute.kernels.KernelSpec.shared_bytes computes the same):
 //   [pair LUT x COPIES][STAGES][WN * WK warps][NT * BITS code vectors][32 lanes] uint4
 //                                           [NT * groups per chunk][32 lanes]  u32
-//                                  XS only: [MT][8 step pairs][32 lanes]       uint4 (x)
+//                                 kXWarp:  [MT][8 step pairs][32 lanes]       uint4 (x)
+//   kXShared: [STAGES][WK K slices][MT][8 step pairs][32 lanes]               uint4 (x)
 //   and, once the K loop is over, the warps' partial sums from the start.
 //
 // Packed layout (produced by cuflute.packing.pack, inverted by cuflute.reference.unpack_codes)
@@ -76,6 +83,9 @@ namespace cuflute {
 constexpr int kChunkK = 256;              // k per (tile, chunk): 16 mma steps of k16
 constexpr int kStepsPerChunk = kChunkK / 16;
 
+// Where the B fragments come from: the template parameter XS (cuflute.kernels.X_GLOBAL, ...).
+constexpr int kXGlobal = 0, kXWarp = 1, kXShared = 2;
+
 // v moved so that its bit `from` lands on bit `to` (both compile-time after unrolling).
 __device__ __forceinline__ u32 move_bits(u32 v, int from, int to) {
   return from >= to ? v >> (from - to) : v << (to - from);
@@ -113,7 +123,7 @@ template <int BITS, int COPIES = 32> struct CodeLayout {
 };
 
 // What one warp holds for one strip of NT tiles and MT m tiles.
-template <int BITS, int GROUP, int NT, int MT, bool XS = false> struct WarpTile {
+template <int BITS, int GROUP, int NT, int MT, int XS = kXGlobal> struct WarpTile {
   static_assert(MT == 1 || MT == 2 || MT == 4, "MT must be 1, 2 or 4");
   static constexpr int kGroupK = GROUP == 0 ? kChunkK : GROUP;  // k per scale group in a chunk
   static_assert(kGroupK >= 32 && kChunkK % kGroupK == 0, "GROUP must be 0 or divide 256");
@@ -122,9 +132,10 @@ template <int BITS, int GROUP, int NT, int MT, bool XS = false> struct WarpTile 
   static constexpr int kWords = CodeLayout<BITS>::kWords;
   static constexpr int kCodeVectors = NT * BITS;                  // uint4 per lane per stage
   static constexpr int kScaleWords = NT * kGroupsPerChunk;        // u32 per lane per stage
-  static constexpr int kXVectors = XS ? MT * kStepsPerChunk / 2 : 0;  // uint4 per lane per stage
+  static constexpr int kXVectors = MT * kStepsPerChunk / 2;       // uint4 per lane of a chunk's x
+  static constexpr int kXBytes = 32 * 16 * kXVectors;
   static constexpr int kXOffset = 32 * (16 * kCodeVectors + 4 * kScaleWords);
-  static constexpr int kStageBytes = kXOffset + 32 * 16 * kXVectors;
+  static constexpr int kStageBytes = kXOffset + (XS == kXWarp ? kXBytes : 0);
   // x goes in batches of kPairsPerBatch step pairs for MT m tiles: 16 registers a batch, two
   // batches live at once (the one in use and the one in flight).
   static constexpr int kPairsPerBatch = 4 / MT;
@@ -135,15 +146,21 @@ template <int BITS, int GROUP, int NT, int MT, bool XS = false> struct WarpTile 
   using Acc = float[NT][MT][4];
 };
 
-template <int BITS, int GROUP, int NT, int MT, int WARPS, int WK, int STAGES, bool XS, int COPIES>
+template <int BITS, int GROUP, int NT, int MT, int WARPS, int WK, int STAGES, int XS, int COPIES>
 struct SharedLayout {
   using Tile = WarpTile<BITS, GROUP, NT, MT, XS>;
   static constexpr int kLutBytes = CodeLayout<BITS, COPIES>::kLutBytes;
-  static constexpr int kPipelineBytes = kLutBytes + STAGES * WARPS * Tile::kStageBytes;
+  static constexpr int kWarpStagesBytes = STAGES * WARPS * Tile::kStageBytes;
+  static constexpr int kSharedXBytes = XS == kXShared ? STAGES * WK * Tile::kXBytes : 0;
+  static constexpr int kPipelineBytes = kLutBytes + kWarpStagesBytes + kSharedXBytes;
   static constexpr int kPartialBytes = WK > 1 ? WARPS * NT * MT * 4 * 32 * 4 : 0;  // the warps' sums
-  // Stage s of warp w, lane 0's bytes: codes, then scales, then (XS) x.
+  // Stage s of warp w, lane 0's bytes: codes, then scales, then (kXWarp) x.
   static __device__ __forceinline__ unsigned char* stage(unsigned char* smem, int warp, int i) {
     return smem + kLutBytes + ((i % STAGES) * WARPS + warp) * Tile::kStageBytes;
+  }
+  // kXShared: the x of the i-th chunk of K slice wk, lane 0's first piece.
+  static __device__ __forceinline__ unsigned char* shared_x(unsigned char* smem, int wk, int i) {
+    return smem + kLutBytes + kWarpStagesBytes + ((i % STAGES) * WK + wk) * Tile::kXBytes;
   }
 };
 
@@ -163,6 +180,11 @@ __device__ __forceinline__ void copy_async_4(void* dst, const void* src, bool va
 }
 
 __device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;\n"); }
+
+// Barrier `id` (1 to 15; 0 is __syncthreads') over the first `threads` threads that reach it.
+__device__ __forceinline__ void sync_named(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" :: "r"(id), "r"(threads) : "memory");
+}
 
 template <int N> __device__ __forceinline__ void copy_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" :: "n"(N));
@@ -212,20 +234,22 @@ __device__ __forceinline__ void copy_chunk_async(unsigned char* stage, const uin
   }
 }
 
-// XS: start copying the x pieces of chunk c that this lane's B fragments take (x_lane, as
-// load_x reads them) into the stage; rows past M and k past K are zero-filled, not read.
-template <int MT>
-__device__ __forceinline__ void copy_x_async(unsigned char* stage, int x_offset,
-                                             const uint4* const (&x_lane)[MT], const bool (&row_valid)[MT],
-                                             int c, int K, int lane) {
-  uint4* dst = reinterpret_cast<uint4*>(stage + x_offset) + lane;
+// kXWarp, kXShared: start copying the x pieces of chunk c that this lane's B fragments take
+// (x_lane, as load_x reads them) to dst, the lane's first piece; rows past M and k past K are
+// zero-filled, not read. Piece mt * 8 + j goes when its index is `part` modulo PARTS: PARTS warps
+// fill one copy between them.
+template <int MT, int PARTS>
+__device__ __forceinline__ void copy_x_async(uint4* dst, const uint4* const (&x_lane)[MT],
+                                             const bool (&row_valid)[MT], int c, int K, int part,
+                                             int lane) {
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int j = 0; j < kStepsPerChunk / 2; ++j) {
+      const int piece = mt * kStepsPerChunk / 2 + j;
       const int k = c * kChunkK + 32 * j + 8 * (lane & 3);
-      copy_async_16(dst + 32 * (mt * kStepsPerChunk / 2 + j), x_lane[mt] + (c * kChunkK + 32 * j) / 8,
-                    row_valid[mt] && k < K);
+      if (PARTS == 1 || piece % PARTS == part)
+        copy_async_16(dst + 32 * piece, x_lane[mt] + (c * kChunkK + 32 * j) / 8, row_valid[mt] && k < K);
     }
 }
 
@@ -278,7 +302,7 @@ __device__ __forceinline__ void load_x(typename WarpTile<BITS, GROUP, NT, MT>::X
   }
 }
 
-// XS: x of batch `batch` from the stage's copy (x_stage: this lane's first piece there).
+// kXWarp, kXShared: x of batch `batch` from the stage's copy (x_stage: this lane's first piece).
 template <int BITS, int GROUP, int NT, int MT>
 __device__ __forceinline__ void load_x_staged(typename WarpTile<BITS, GROUP, NT, MT>::XBatch& xv,
                                               const uint4* x_stage, int batch) {
@@ -291,9 +315,10 @@ __device__ __forceinline__ void load_x_staged(typename WarpTile<BITS, GROUP, NT,
 }
 
 // acc += the products of one chunk c. xv holds batch 0 of chunk c on entry; the next batch of x
-// is in flight while one computes. Without XS, xv holds batch 0 of chunk c_next (if c_next >= 0)
-// on exit; with XS, x comes from x_stage, the stage's copy, and the caller loads batch 0.
-template <int BITS, int GROUP, typename T, int NT, int MT, bool XS, int COPIES>
+// is in flight while one computes. With x from global memory, xv holds batch 0 of chunk c_next
+// (if c_next >= 0) on exit; with STAGED_X, x comes from x_stage, the stage's copy, and the caller
+// loads batch 0.
+template <int BITS, int GROUP, typename T, int NT, int MT, bool STAGED_X, int COPIES>
 __device__ __forceinline__ void mma_chunk(typename WarpTile<BITS, GROUP, NT, MT>::Acc& acc,
                                           const typename WarpTile<BITS, GROUP, NT, MT>::Codes& w,
                                           const typename WarpTile<BITS, GROUP, NT, MT>::Scales& sw,
@@ -311,7 +336,7 @@ __device__ __forceinline__ void mma_chunk(typename WarpTile<BITS, GROUP, NT, MT>
   for (int batch = 0; batch < Tile::kBatches; ++batch) {
     const int j0 = batch * Tile::kPairsPerBatch;
     typename Tile::XBatch xv_next;
-    if constexpr (XS) {
+    if constexpr (STAGED_X) {
       if (batch + 1 < Tile::kBatches) load_x_staged<BITS, GROUP, NT, MT>(xv_next, x_stage, batch + 1);
     } else {
       if (batch + 1 < Tile::kBatches) load_x<BITS, GROUP, NT, MT>(xv_next, x_lane, c, batch + 1, K, tig);
@@ -399,7 +424,7 @@ __device__ __forceinline__ void for_each_output(const float (&acc)[NT][MT][4], i
       }
 }
 
-template <int BITS, int GROUP, typename T, int NT, int MT, int WN, int WK, int STAGES, bool XS,
+template <int BITS, int GROUP, typename T, int NT, int MT, int WN, int WK, int STAGES, int XS,
           int COPIES>
 // One tile of each kind: 128 registers (16 warps an SM), which it fits without spilling.
 // More tiles: all the registers they need, down to one CTA an SM.
@@ -411,7 +436,9 @@ lut_gemm(const T* __restrict__ x, long long x_row_stride,
   using Tile = WarpTile<BITS, GROUP, NT, MT>;
   constexpr int kWarps = WN * WK;
   using Smem = SharedLayout<BITS, GROUP, NT, MT, kWarps, WK, STAGES, XS, COPIES>;
-  constexpr int kXOffset = WarpTile<BITS, GROUP, NT, MT, XS>::kXOffset;
+  static_assert(XS != kXShared || WN > 1, "kXShared is for WN > 1 warps along n (else kXWarp)");
+  static_assert(XS != kXShared || WK < 16, "one named barrier per K slice: ids 1 to 15");
+  constexpr bool kStagedX = XS != kXGlobal;
   constexpr int kAccPerWarp = NT * MT * 4 * 32;            // (nt, mt, c register, lane)
   extern __shared__ __align__(16) unsigned char smem[];
   check_dynamic_shared(Smem::kPipelineBytes > Smem::kPartialBytes ? Smem::kPipelineBytes
@@ -444,37 +471,46 @@ lut_gemm(const T* __restrict__ x, long long x_row_stride,
 
   // This warp's chunks are wk, wk + WK, ...; its i-th goes through stage i % STAGES.
   const int my_chunks = wk < k_chunks ? (k_chunks - wk + WK - 1) / WK : 0;
+  auto x_stage = [&](int i) {
+    return reinterpret_cast<uint4*>(XS == kXShared ? Smem::shared_x(smem, wk, i)
+                                                   : Smem::stage(smem, warp, i) + Tile::kXOffset) + lane;
+  };
   auto issue = [&](int i) {
     if (i < my_chunks) {
       copy_chunk_async<BITS, GROUP, NT>(Smem::stage(smem, warp, i), qweight, scales, tile0,
                                         wk + i * WK, n_tiles, k_chunks, n_groups, lane);
-      if constexpr (XS)
-        copy_x_async<MT>(Smem::stage(smem, warp, i), kXOffset, x_lane, row_valid, wk + i * WK, K, lane);
+      if constexpr (XS == kXWarp) copy_x_async<MT, 1>(x_stage(i), x_lane, row_valid, wk + i * WK, K, 0, lane);
+      if constexpr (XS == kXShared) copy_x_async<MT, WN>(x_stage(i), x_lane, row_valid, wk + i * WK, K, wn, lane);
     }
     copy_async_commit();  // empty groups too, so that wait_group counts chunks
-  };
-  auto x_stage = [&](int i) {
-    return reinterpret_cast<const uint4*>(Smem::stage(smem, warp, i) + kXOffset) + lane;
   };
 
   // The weight pipeline and the first x batch start before the LUT is built, which they do not need.
 #pragma unroll
   for (int i = 0; i < STAGES - 1; ++i) issue(i);
   typename Tile::XBatch xv;
-  if (!XS && my_chunks > 0) load_x<BITS, GROUP, NT, MT>(xv, x_lane, wk, 0, K, tig);
+  if (!kStagedX && my_chunks > 0) load_x<BITS, GROUP, NT, MT>(xv, x_lane, wk, 0, K, tig);
   fill_lut<BITS, COPIES>(smem, pair_lut, threadIdx.x, 32 * kWarps);
   __syncthreads();
 
   for (int i = 0; i < my_chunks; ++i) {
     // Stage (i - 1) % STAGES was read into registers and used by the last iteration's mma.
-    issue(i + STAGES - 1);
-    copy_async_wait<STAGES - 1>();
+    if constexpr (XS == kXShared) {
+      copy_async_wait<STAGES - 2>();
+      // Every warp of this K slice has its pieces of chunk i in and is done with chunk i - 1,
+      // whose x the next issue overwrites.
+      sync_named(1 + wk, 32 * WN);
+      issue(i + STAGES - 1);
+    } else {
+      issue(i + STAGES - 1);
+      copy_async_wait<STAGES - 1>();
+    }
     typename Tile::Codes w;
     typename Tile::Scales sw;
     read_stage<BITS, GROUP, NT, MT>(Smem::stage(smem, warp, i), lane, w, sw);
-    if constexpr (XS) load_x_staged<BITS, GROUP, NT, MT>(xv, x_stage(i), 0);
+    if constexpr (kStagedX) load_x_staged<BITS, GROUP, NT, MT>(xv, x_stage(i), 0);
     const int c = wk + i * WK;
-    mma_chunk<BITS, GROUP, T, NT, MT, XS, COPIES>(acc, w, sw, xv, x_lane, x_stage(i), c,
+    mma_chunk<BITS, GROUP, T, NT, MT, kStagedX, COPIES>(acc, w, sw, xv, x_lane, x_stage(i), c,
                                          i + 1 < my_chunks ? c + WK : -1, K,
                                          reinterpret_cast<const char*>(smem), lane_bytes, tig);
   }

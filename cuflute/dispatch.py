@@ -9,20 +9,20 @@ from pathlib import Path
 
 import yaml
 
-from .kernels import TILE_CONFIGS, KernelSpec, TileConfig, instantiated, parse_tile_config
+from .kernels import TILE_CONFIGS, X_SHARED, X_WARP, KernelSpec, TileConfig, instantiated, parse_tile_config
 
 _PACKAGE = Path(__file__).resolve().parent
 # Not a tile config: W' dequantized into a temporary buffer (cuda_src/lut_dequant.cuh), then a
 # dense tensor-core GEMM over it (cuBLAS, through torch or CuPy). Wins at large M, where the
 # LUT GEMM's per-fragment lookups and x traffic cost more than writing and reading W' once.
 DENSE = "dense"
-# The heuristic's threshold: on the H100 the dense path is about even with the best tile config at
-# M = 128 and 3x faster at M = 512 (docs/PERF_NOTES.md, v13).
-DENSE_MIN_M = 128
-_DECODE = TileConfig(nt=2, mt=1, wk=4, xs=True)
-_DECODE_WIDE_M = TileConfig(nt=2, mt=2, wk=4, xs=True)
-_LARGE_M = TileConfig(nt=2, mt=4, wk=2, xs=True, lut_copies=16)
-_LARGE_M_SMALL_GROUPS = TileConfig(nt=2, mt=2, wk=2, xs=True, lut_copies=16)
+# The heuristic's threshold: on the H100 the best tile config beats the dense path at M = 128 and
+# loses to it at M = 256 (docs/PERF_NOTES.md, v16).
+DENSE_MIN_M = 256
+_DECODE = TileConfig(nt=2, mt=1, wk=4, xs=X_WARP)
+_DECODE_WIDE_M = TileConfig(nt=2, mt=2, wk=4, xs=X_WARP)
+_MID_M = TileConfig(nt=2, mt=2, wn=2, wk=2, xs=X_SHARED)
+_LARGE_M = TileConfig(nt=2, mt=4, wn=2, wk=1, xs=X_SHARED)
 
 
 def tuning_dir() -> Path:
@@ -70,18 +70,20 @@ def parse_config(text: str) -> TileConfig | str:
 
 
 def heuristic_config(m: int, group: int) -> TileConfig | str:
-    """Two 16-row n tiles a warp, x staged with the codes: up to 8 rows of x, one m tile and 4
-    warps splitting K; up to 16, two m tiles and 4 warps; past that, four m tiles, 2 warps and
-    a LUT of 16 copies (more CTAs an SM), or two m tiles for scale groups too small for four
-    (kernels.instantiated). From DENSE_MIN_M rows, DENSE. The choices the H100 tuning made most
-    often for each M (tuning/configs)."""
+    """Two 16-row n tiles a warp: up to 8 rows of x, one m tile and 4 warps splitting K, x
+    staged by each warp; up to 16, two m tiles. Past that, x shared by 2 warps side by side
+    along n: up to 32 rows, two m tiles and 2 K slices; then four m tiles and one K slice
+    (two m tiles for scale groups too small for four, kernels.instantiated). From DENSE_MIN_M
+    rows, DENSE. Per M, the config that the H100 tuning picked most often (tuning/configs) or,
+    where the picks spread, the one closest to the best on the benchmark's shapes
+    (docs/PERF_NOTES.md, v16)."""
     if m >= DENSE_MIN_M:
         return DENSE
     if m <= 8:
         return _DECODE
     if m <= 16:
         return _DECODE_WIDE_M
-    return _LARGE_M if instantiated(group, _LARGE_M) else _LARGE_M_SMALL_GROUPS
+    return _LARGE_M if m > 32 and instantiated(group, _LARGE_M) else _MID_M
 
 
 def select_config(m: int, n: int, k: int, bits: int, group: int, dtype: str,

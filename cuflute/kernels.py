@@ -30,20 +30,35 @@ _CXX_TYPE = {"float16": "__half", "bfloat16": "__nv_bfloat16"}
 KERNEL_HEADERS = ("lut_gemm.cuh", "lut_dequant.cuh", "bcq_gemv.cuh")
 
 
+# Where a tile config's B fragments (x) come from: cuda_src/lut_gemm.cuh's XS.
+X_GLOBAL = 0  # global memory, a batch ahead
+X_WARP = 1  # each warp's pipeline stage, copied by the warp along with its codes
+X_SHARED = 2  # one copy a stage for the WN warps of a K slice, filled by them together
+_X_SUFFIX = {X_GLOBAL: "", X_WARP: "_xs", X_SHARED: "_xsh"}
+
+
 @dataclass(frozen=True, order=True)
 class TileConfig:
     """A CTA shape: NT 16-row n tiles per warp, MT 8-column m tiles, WN warps side by side
-    along n times WK warps splitting K, each warp's cp.async pipeline STAGES chunks deep and
-    carrying x too when XS (else x is loaded from global memory a batch ahead), and LUT_COPIES
-    copies of the pair LUT in shared memory (16: half the bytes, some bank conflicts)."""
+    along n times WK warps splitting K, each warp's cp.async pipeline STAGES chunks deep; XS
+    where x comes from (X_GLOBAL, X_WARP, X_SHARED); LUT_COPIES copies of the pair LUT in
+    shared memory (16: half the bytes, some bank conflicts)."""
 
     nt: int
     mt: int
     wk: int
     stages: int = 2
     wn: int = 1
-    xs: bool = False
+    xs: int = X_GLOBAL
     lut_copies: int = LUT_COPIES
+
+    def __post_init__(self):
+        if self.mt not in (1, 2, 4):
+            raise ValueError(f"mt must be 1, 2 or 4, got {self.mt}")
+        if self.xs not in _X_SUFFIX:
+            raise ValueError(f"xs must be one of {sorted(_X_SUFFIX)}, got {self.xs!r}")
+        if self.xs == X_SHARED and self.wn < 2:
+            raise ValueError("x shared by the warps along n (_xsh) needs wn >= 2")
 
     @property
     def block_m(self) -> int:
@@ -63,28 +78,27 @@ class TileConfig:
 
     def __str__(self) -> str:
         wn = f"_wn{self.wn}" if self.wn > 1 else ""
-        xs = "_xs" if self.xs else ""
         copies = f"_c{self.lut_copies}" if self.lut_copies != LUT_COPIES else ""
-        return f"nt{self.nt}_mt{self.mt}{wn}_wk{self.wk}_s{self.stages}{xs}{copies}"
+        return f"nt{self.nt}_mt{self.mt}{wn}_wk{self.wk}_s{self.stages}{_X_SUFFIX[self.xs]}{copies}"
 
 
 # For compilation time, only the shapes that the dispatcher and the tuner use are instantiated.
 TILE_CONFIGS = (
     TileConfig(nt=1, mt=1, wk=8),
-    TileConfig(nt=1, mt=1, wk=4),
-    TileConfig(nt=2, mt=2, wk=4),
-    TileConfig(nt=1, mt=4, wk=4),
-    # x through the pipeline: two n tiles a warp halve the x each weight byte needs
-    TileConfig(nt=1, mt=1, wk=4, xs=True),
-    TileConfig(nt=2, mt=1, wk=4, xs=True),
-    TileConfig(nt=2, mt=2, wk=2, xs=True),
-    TileConfig(nt=2, mt=2, wk=4, xs=True),
-    TileConfig(nt=2, mt=4, wk=2, xs=True),
-    # half the LUT: at M >= 16 shared memory, not bank conflicts, limits these
-    TileConfig(nt=2, mt=2, wk=2, xs=True, lut_copies=16),
-    TileConfig(nt=2, mt=4, wk=2, xs=True, lut_copies=16),
-    # four warps side by side along n share x through L1: M >= 64
-    TileConfig(nt=1, mt=4, wk=1, wn=4),
+    # x through each warp's pipeline: two n tiles a warp halve the x each weight byte needs
+    TileConfig(nt=1, mt=1, wk=4, xs=X_WARP),
+    TileConfig(nt=2, mt=1, wk=4, xs=X_WARP),
+    TileConfig(nt=2, mt=2, wk=4, xs=X_WARP),
+    TileConfig(nt=2, mt=4, wk=2, xs=X_WARP),
+    # x copied once for the warps side by side along n: M >= 16, where x fills L2; 16 LUT
+    # copies (half the bytes, some bank conflicts) for more CTAs an SM
+    TileConfig(nt=1, mt=2, wn=4, wk=1, xs=X_SHARED),
+    TileConfig(nt=2, mt=2, wn=4, wk=1, xs=X_SHARED),
+    TileConfig(nt=2, mt=2, wn=2, wk=2, xs=X_SHARED),
+    TileConfig(nt=2, mt=2, wn=2, wk=2, stages=3, xs=X_SHARED),
+    TileConfig(nt=2, mt=4, wn=2, wk=1, xs=X_SHARED),
+    TileConfig(nt=2, mt=4, wn=2, wk=1, xs=X_SHARED, lut_copies=16),
+    TileConfig(nt=2, mt=4, wn=4, wk=1, xs=X_SHARED, lut_copies=16),
 )
 
 
@@ -95,15 +109,17 @@ def instantiated(group: int, tile: TileConfig) -> bool:
 
 
 def tile_config_from_name(text: str) -> TileConfig:
-    """'nt2_mt1_wk8_s3' -> TileConfig(2, 1, 8, 3), 'nt1_mt4_wn8_wk1_s2_xs_c16' -> TileConfig(1,
-    4, 1, 2, wn=8, xs=True, lut_copies=16) (no _wn: one warp along n; no _xs: x not staged; no
-    _c: LUT_COPIES), whether or not it is one of TILE_CONFIGS."""
-    match = re.fullmatch(r"nt(\d+)_mt(\d+)(?:_wn(\d+))?_wk(\d+)_s(\d+)(_xs)?(?:_c(\d+))?", text.strip())
+    """'nt2_mt1_wk8_s3' -> TileConfig(2, 1, 8, 3), 'nt2_mt4_wn4_wk1_s2_xsh_c16' ->
+    TileConfig(2, 4, 1, 2, wn=4, xs=X_SHARED, lut_copies=16) (no _wn: one warp along n; _xs:
+    X_WARP, _xsh: X_SHARED, neither: X_GLOBAL; no _c: LUT_COPIES), whether or not it is one
+    of TILE_CONFIGS."""
+    match = re.fullmatch(r"nt(\d+)_mt(\d+)(?:_wn(\d+))?_wk(\d+)_s(\d+)(_xsh|_xs)?(?:_c(\d+))?", text.strip())
     if not match:
-        raise ValueError(f"tile config must look like nt2_mt1_wk8_s3 or nt1_mt4_wn8_wk1_s2_xs_c16, "
+        raise ValueError(f"tile config must look like nt2_mt1_wk8_s3 or nt2_mt4_wn4_wk1_s2_xsh_c16, "
                          f"got {text!r}")
     nt, mt, wn, wk, stages, xs, copies = match.groups()
-    return TileConfig(int(nt), int(mt), int(wk), int(stages), int(wn or 1), bool(xs),
+    x_source = {suffix: key for key, suffix in _X_SUFFIX.items()}[xs or ""]
+    return TileConfig(int(nt), int(mt), int(wk), int(stages), int(wn or 1), x_source,
                       int(copies or LUT_COPIES))
 
 
@@ -151,9 +167,11 @@ class KernelSpec:
         t = self.tile
         lut = lut_bytes(self.bits, t.lut_copies)
         groups_per_chunk = 1 if self.group == 0 else CHUNK_K // self.group
-        x_vectors = t.mt * CHUNK_K // 32 if t.xs else 0
-        warp_stage = 32 * (16 * t.nt * self.bits + 4 * t.nt * groups_per_chunk + 16 * x_vectors)
-        pipeline = lut + t.stages * t.warps * warp_stage
+        x_bytes = 32 * 16 * t.mt * CHUNK_K // 32  # a chunk's x: 8 16-byte pieces a lane an m tile
+        warp_stage = 32 * (16 * t.nt * self.bits + 4 * t.nt * groups_per_chunk)
+        warp_stage += x_bytes if t.xs == X_WARP else 0
+        shared_x = t.stages * t.wk * x_bytes if t.xs == X_SHARED else 0
+        pipeline = lut + t.stages * t.warps * warp_stage + shared_x
         partial = t.warps * t.nt * t.mt * 4 * 32 * 4 if t.wk > 1 else 0
         return max(pipeline, partial)
 
@@ -165,7 +183,7 @@ class KernelSpec:
     def name_expression(self) -> str:
         t = self.tile
         return (f"cuflute::lut_gemm<{self.bits}, {self.group}, {_CXX_TYPE[self.dtype]}, "
-                f"{t.nt}, {t.mt}, {t.wn}, {t.wk}, {t.stages}, {str(t.xs).lower()}, {t.lut_copies}>")
+                f"{t.nt}, {t.mt}, {t.wn}, {t.wk}, {t.stages}, {int(t.xs)}, {t.lut_copies}>")
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@ import pytest
 
 from cuflute import dispatch
 from cuflute.dispatch import DENSE, DENSE_MIN_M, gpu_slug, heuristic_config, parse_config, select_config
-from cuflute.kernels import (TILE_CONFIGS, KernelSpec, TileConfig, all_specs, instantiated,
+from cuflute.kernels import (TILE_CONFIGS, X_SHARED, X_WARP, KernelSpec, TileConfig, all_specs, instantiated,
                              parse_tile_config, tile_config_from_name)
 
 
@@ -20,8 +20,9 @@ def test_heuristic_covers_every_m(m, n):
 def test_heuristic_m_tiles_follow_m():
     assert heuristic_config(1, 128).block_m == heuristic_config(8, 128).block_m == 8
     assert heuristic_config(9, 128).block_m == heuristic_config(16, 128).block_m == 16
-    assert heuristic_config(17, 128).block_m == heuristic_config(DENSE_MIN_M - 1, 0).block_m == 32
-    assert heuristic_config(17, 64).block_m == 16  # four m tiles are not built for groups of 64
+    assert heuristic_config(17, 128).block_m == heuristic_config(32, 128).block_m == 16
+    assert heuristic_config(33, 128).block_m == heuristic_config(DENSE_MIN_M - 1, 0).block_m == 32
+    assert heuristic_config(33, 64).block_m == 16  # four m tiles are not built for groups of 64
     assert heuristic_config(DENSE_MIN_M, 128) == heuristic_config(10**6, 0) == DENSE
 
 
@@ -31,7 +32,7 @@ def test_small_groups_never_get_four_m_tiles(group):
         tile = select_config(m, 4096, 4096, 3, group, "bfloat16")
         assert instantiated(group, tile) and tile.mt == 2, (m, group, tile)
     with pytest.raises(ValueError, match="is not compiled for scale groups of 32"):
-        KernelSpec(4, 32, "float16", TileConfig(1, 4, 4))
+        KernelSpec(4, 32, "float16", TileConfig(2, 4, 2, xs=X_WARP))
     assert not any(s.tile.mt == 4 and s.group in (32, 64) for s in all_specs())
 
 
@@ -41,32 +42,36 @@ def test_kernel_spec_validation():
     with pytest.raises(ValueError, match="kernel group must be one of"):
         KernelSpec(4, 96, "float16", TILE_CONFIGS[0])
     with pytest.raises(ValueError, match="kernel tile must be one of"):
-        KernelSpec(4, 128, "float16", TileConfig(3, 3, 3))
+        KernelSpec(4, 128, "float16", TileConfig(3, 1, 3))
+    with pytest.raises(ValueError, match="mt must be 1, 2 or 4"):
+        TileConfig(1, 8, 1)
+    with pytest.raises(ValueError, match="needs wn >= 2"):
+        TileConfig(2, 2, 4, xs=X_SHARED)
 
 
 def test_name_expression_and_count():
-    spec = KernelSpec(3, 0, "bfloat16", TileConfig(2, 2, 4))
-    assert spec.name_expression == "cuflute::lut_gemm<3, 0, __nv_bfloat16, 2, 2, 1, 4, 2, false, 32>"
-    staged = KernelSpec(4, 128, "float16", TileConfig(2, 1, 4, xs=True))
-    assert staged.name_expression == "cuflute::lut_gemm<4, 128, __half, 2, 1, 1, 4, 2, true, 32>"
-    side_by_side = KernelSpec(2, 128, "float16", TileConfig(1, 4, 1, wn=4))
-    assert side_by_side.name_expression == "cuflute::lut_gemm<2, 128, __half, 1, 4, 4, 1, 2, false, 32>"
+    spec = KernelSpec(3, 0, "bfloat16", TileConfig(1, 1, 8))
+    assert spec.name_expression == "cuflute::lut_gemm<3, 0, __nv_bfloat16, 1, 1, 1, 8, 2, 0, 32>"
+    staged = KernelSpec(4, 128, "float16", TileConfig(2, 1, 4, xs=X_WARP))
+    assert staged.name_expression == "cuflute::lut_gemm<4, 128, __half, 2, 1, 1, 4, 2, 1, 32>"
+    side_by_side = KernelSpec(2, 128, "float16", TileConfig(2, 4, 1, wn=4, xs=X_SHARED, lut_copies=16))
+    assert side_by_side.name_expression == "cuflute::lut_gemm<2, 128, __half, 2, 4, 4, 1, 2, 2, 16>"
     assert side_by_side.threads == 128
     four_m_tiles = sum(c.mt == 4 for c in TILE_CONFIGS)
     assert len(all_specs()) == 3 * 2 * (5 * len(TILE_CONFIGS) - 2 * four_m_tiles)
 
 
 def test_parse_tile_config():
-    assert parse_tile_config("nt2_mt2_wk4_s2") == TileConfig(2, 2, 4)
-    assert parse_tile_config("nt2_mt1_wk4_s2_xs") == TileConfig(2, 1, 4, xs=True)
-    assert parse_tile_config("nt1_mt4_wn4_wk1_s2") == TileConfig(1, 4, 1, wn=4)
-    assert tile_config_from_name("nt1_mt2_wn8_wk1_s3_xs") == TileConfig(1, 2, 1, 3, wn=8, xs=True)
-    assert str(TileConfig(1, 2, 1, 3, wn=8, xs=True)) == "nt1_mt2_wn8_wk1_s3_xs"
-    assert parse_tile_config("nt2_mt4_wk2_s2_xs_c16") == TileConfig(2, 4, 2, xs=True, lut_copies=16)
-    assert KernelSpec(4, 128, "float16", TileConfig(2, 4, 2, xs=True, lut_copies=16)).name_expression \
-        == "cuflute::lut_gemm<4, 128, __half, 2, 4, 1, 2, 2, true, 16>"
+    assert parse_tile_config("nt1_mt1_wk8_s2") == TileConfig(1, 1, 8)
+    assert parse_tile_config("nt2_mt1_wk4_s2_xs") == TileConfig(2, 1, 4, xs=X_WARP)
+    assert parse_tile_config("nt2_mt4_wn4_wk1_s2_xsh_c16") == \
+        TileConfig(2, 4, 1, wn=4, xs=X_SHARED, lut_copies=16)
+    assert tile_config_from_name("nt2_mt2_wn2_wk2_s3_xsh") == TileConfig(2, 2, 2, 3, wn=2, xs=X_SHARED)
+    assert tile_config_from_name("nt1_mt2_wn8_wk1_s3_xs") == TileConfig(1, 2, 1, 3, wn=8, xs=X_WARP)
+    assert str(TileConfig(1, 2, 1, 3, wn=8, xs=X_WARP)) == "nt1_mt2_wn8_wk1_s3_xs"
+    assert parse_tile_config("nt2_mt4_wk2_s2_xs") == TileConfig(2, 4, 2, xs=X_WARP)
     assert all(parse_tile_config(str(c)) == c for c in TILE_CONFIGS)
-    assert parse_config("dense") == DENSE and parse_config("nt1_mt1_wk4_s2") == TileConfig(1, 1, 4)
+    assert parse_config("dense") == DENSE and parse_config("nt1_mt1_wk4_s2_xs") == TileConfig(1, 1, 4, xs=X_WARP)
     with pytest.raises(ValueError, match="tile config must be one of"):
         parse_tile_config("nt3_mt3_wk3")
     with pytest.raises(ValueError, match="tile config must be one of"):
@@ -81,7 +86,7 @@ def test_tuned_table_overrides_the_heuristic(tmp_path, monkeypatch):
     (tmp_path / "test-gpu.yaml").write_text(
         "gpu: Test GPU\nentries:\n"
         "- {bits: 4, group: 128, dtype: float16, n: 4096, k: 4096, m: 4, config: nt2_mt1_wk4_s2_xs, us: 1.0}\n"
-        "- {bits: 4, group: 128, dtype: float16, n: 4096, k: 4096, m: 32, config: nt2_mt2_wk4_s2, us: 2.0}\n"
+        "- {bits: 4, group: 128, dtype: float16, n: 4096, k: 4096, m: 32, config: nt2_mt2_wn2_wk2_s2_xsh, us: 2.0}\n"
         "- {bits: 4, group: 128, dtype: float16, n: 4096, k: 4096, m: 64, config: nt9_mt1_wk8_s2, us: 3.0}\n")
     monkeypatch.setenv("CUFLUTE_TUNING_DIR", str(tmp_path))
     dispatch.tuned_table.cache_clear()
@@ -89,8 +94,8 @@ def test_tuned_table_overrides_the_heuristic(tmp_path, monkeypatch):
         pick = lambda m, n=4096: select_config(m, n, 4096, 4, 128, "float16", gpu_name="Test GPU")
         with pytest.warns(UserWarning, match="nt9_mt1_wk8_s2.*ignored"):  # a config no longer built
             dispatch.tuned_table("Test GPU")
-        assert pick(1) == pick(4) == TileConfig(2, 1, 4, xs=True)  # smallest bucket at or above m
-        assert pick(5) == pick(32) == pick(DENSE_MIN_M - 1) == TileConfig(2, 2, 4)  # largest past the end
+        assert pick(1) == pick(4) == TileConfig(2, 1, 4, xs=X_WARP)  # smallest bucket at or above m
+        assert pick(5) == pick(32) == pick(DENSE_MIN_M - 1) == TileConfig(2, 2, 2, wn=2, xs=X_SHARED)  # largest past the end
         assert pick(DENSE_MIN_M) == DENSE  # ... unless the heuristic goes dense there
         assert pick(1, n=8192) == heuristic_config(1, 128)  # untuned shape: heuristic
         assert select_config(1, 4096, 4096, 4, 128, "float16", gpu_name="Other GPU") == \

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from cuflute.dispatch import DENSE
-from cuflute.kernels import TILE_CONFIGS, TileConfig
+from cuflute.kernels import TILE_CONFIGS, X_SHARED, X_WARP, TileConfig
 from cuflute.tune import load_sweep, useful_at
 
 SWEEPS = Path(__file__).resolve().parent.parent / "tuning" / "sweeps"
@@ -27,10 +27,10 @@ BASE = ("shapes: [[64, 256]]\nbits: [4]\ngroup_sizes: [128, channel]\ndtypes: [f
 
 
 def test_sweep_fields(tmp_path):
-    sweep = load_sweep(_write(tmp_path, BASE + "candidates: [nt2_mt1_wk4_s2_xs, nt2_mt2_wk4_s2, dense]\n"))
+    sweep = load_sweep(_write(tmp_path, BASE + "candidates: [nt2_mt1_wk4_s2_xs, nt2_mt2_wn2_wk2_s2_xsh, dense]\n"))
     assert sweep.name == "s" and sweep.shapes == ((64, 256),) and sweep.m_buckets == (1, 16)
     assert sweep.group_sizes == (128, "channel")
-    assert sweep.candidates == (TileConfig(2, 1, 4, xs=True), TileConfig(2, 2, 4), DENSE)
+    assert sweep.candidates == (TileConfig(2, 1, 4, xs=X_WARP), TileConfig(2, 2, 2, wn=2, xs=X_SHARED), DENSE)
     assert load_sweep(_write(tmp_path, BASE)).candidates == TILE_CONFIGS + (DENSE,)
 
 
