@@ -1,7 +1,7 @@
 // cuflute LUT dequantization: W'[N, K] = T[Q[n, k]] * S[n, k / g], written out dense (row-major,
 // float16 or bfloat16), for the M at which a dense tensor-core GEMM over W' (cuBLAS) beats the
 // LUT GEMM (cuflute.dispatch). It reads the packed layout through lut_gemm.cuh's own functions
-// (CodeLayout, fill_lut): one warp per (n tile, chunk), each lane writing the A-fragment
+// (CodeLayout, fill_lut, unpack_code_words): one warp per (n tile, chunk), each lane writing the A-fragment
 // elements that it would feed the tensor cores there. Each value is scaled in float32, exactly
 // (both factors have at most 11 significant bits), and rounded once: W' is what
 // reference.dequantize computes, rounded. K is a multiple of 8 (the packer checks), so a
@@ -38,15 +38,7 @@ lut_dequant(const uint4* __restrict__ qweight, const u32* __restrict__ scales,
     const int tile = static_cast<int>(unit / k_chunks), c = static_cast<int>(unit % k_chunks);
 
     u32 words[Layout::kWords];
-    const uint4* src = qweight + unit * BITS * 32 + lane;
-#pragma unroll
-    for (int v = 0; v < BITS; ++v) {
-      const uint4 q = __ldg(src + 32 * v);
-      words[4 * v + 0] = q.x;
-      words[4 * v + 1] = q.y;
-      words[4 * v + 2] = q.z;
-      words[4 * v + 3] = q.w;
-    }
+    unpack_code_words<BITS>(words, qweight + unit * BITS * 32 + lane, [](const uint4* q) { return __ldg(q); });
     // Steps 2j and 2j + 1 give a lane 8 consecutive k of each of its two rows (pairs p and p + 2
     // of each step, see lut_gemm.cuh): one 16-byte store per row, 64 contiguous bytes per row
     // across the 4 lanes of a group, whole sectors.

@@ -253,6 +253,20 @@ __device__ __forceinline__ void copy_x_async(uint4* dst, const uint4* const (&x_
     }
 }
 
+// A lane's 4 * BITS code words of one (tile, chunk) from its BITS 16-byte vectors, 32 vectors
+// apart from src, its first (the packed layout, in global memory or in a stage); load reads one.
+template <int BITS, typename Load>
+__device__ __forceinline__ void unpack_code_words(u32 (&w)[4 * BITS], const uint4* src, Load load) {
+#pragma unroll
+  for (int v = 0; v < BITS; ++v) {
+    const uint4 q = load(src + 32 * v);
+    w[4 * v + 0] = q.x;
+    w[4 * v + 1] = q.y;
+    w[4 * v + 2] = q.z;
+    w[4 * v + 3] = q.w;
+  }
+}
+
 template <int BITS, int GROUP, int NT, int MT>
 __device__ __forceinline__ void read_stage(const unsigned char* stage, int lane,
                                            typename WarpTile<BITS, GROUP, NT, MT>::Codes& w,
@@ -262,14 +276,7 @@ __device__ __forceinline__ void read_stage(const unsigned char* stage, int lane,
   const u32* scales_src = reinterpret_cast<const u32*>(stage + 32 * 16 * Tile::kCodeVectors) + lane;
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-    for (int v = 0; v < BITS; ++v) {
-      const uint4 q = codes_src[32 * (nt * BITS + v)];
-      w[nt][4 * v + 0] = q.x;
-      w[nt][4 * v + 1] = q.y;
-      w[nt][4 * v + 2] = q.z;
-      w[nt][4 * v + 3] = q.w;
-    }
+    unpack_code_words<BITS>(w[nt], codes_src + 32 * nt * BITS, [](const uint4* q) { return *q; });
 #pragma unroll
     for (int j = 0; j < Tile::kGroupsPerChunk; ++j) sw[nt][j] = scales_src[32 * (nt * Tile::kGroupsPerChunk + j)];
   }
