@@ -95,7 +95,8 @@ def select_config(m: int, n: int, k: int, bits: int, group: int, dtype: str,
     m bucket at or above m (the largest past the end, unless the heuristic says DENSE there);
     anything else takes the heuristic. A choice whose shared memory exceeds
     ``max_shared_bytes`` (smaller on sm_86/sm_89 than on sm_80/sm_90) gives way to the config
-    of fewest warps, which fits every target (DENSE needs only the LUT's).
+    of least shared memory (the widest tile among equals), which fits every target (DENSE needs
+    only the LUT's).
     """
     rows = tuned_table(gpu_name).get(table_key(bits, group, dtype, n, k)) if gpu_name else None
     heuristic = heuristic_config(m, group)
