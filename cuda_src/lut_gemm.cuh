@@ -15,7 +15,8 @@
 // the same x: at M >= 16 re-reading x from L2 for every 16 or 32 weight rows, not the weight, is
 // what fills L2 (docs/PERF_NOTES.md), so with XS = kXShared they copy it into shared memory once
 // between them.
-// (A persistent Stream-K variant measured slower at every shape: docs/PERF_NOTES.md.)
+// (A persistent Stream-K variant measured slower at every shape: docs/PERF_NOTES.md.) On sm_90
+// cuflute.gemm launches it as a programmatic dependent launch: launch_dependent_grids below.
 //
 // Template parameters
 //   BITS    code width in bits: 2, 3 or 4
@@ -35,12 +36,16 @@
 //                     one batch ahead is too short for L2's latency);
 //           kXShared  one copy a stage for the WN warps of a K slice, each copying 1/WN of the
 //                     pieces, in the same per-lane order; a named barrier per chunk (WN > 1)
+//           kXRow     M = 1 only (MT = 1): the warp's pipeline stage holds the chunk's 256 values
+//                     of the one row, 512 bytes in k order, instead of kXWarp's 8 rows of
+//                     fragments (4 KiB, 7/8 of it zeros at M = 1): more CTAs an SM
 //   COPIES  copies of the pair LUT in shared memory: 32 or 16 (CodeLayout)
 //
 // Dynamic shared memory (cuflute.kernels.KernelSpec.shared_bytes computes the same):
 //   [pair LUT x COPIES][STAGES][WN * WK warps][NT * BITS code vectors][32 lanes] uint4
 //                                           [NT * groups per chunk][32 lanes]  u32
 //                                 kXWarp:  [MT][8 step pairs][32 lanes]       uint4 (x)
+//                                 kXRow:   [256 k of row m0]                  T     (x)
 //   kXShared: [STAGES][WK K slices][MT][8 step pairs][32 lanes]               uint4 (x)
 //   and, once the K loop is over, the warps' partial sums from the start.
 //
@@ -84,7 +89,7 @@ constexpr int kChunkK = 256;              // k per (tile, chunk): 16 mma steps o
 constexpr int kStepsPerChunk = kChunkK / 16;
 
 // Where the B fragments come from: the template parameter XS (cuflute.kernels.X_GLOBAL, ...).
-constexpr int kXGlobal = 0, kXWarp = 1, kXShared = 2;
+constexpr int kXGlobal = 0, kXWarp = 1, kXShared = 2, kXRow = 3;
 
 // v moved so that its bit `from` lands on bit `to` (both compile-time after unrolling).
 __device__ __forceinline__ u32 move_bits(u32 v, int from, int to) {
@@ -132,10 +137,11 @@ template <int BITS, int GROUP, int NT, int MT, int XS = kXGlobal> struct WarpTil
   static constexpr int kWords = CodeLayout<BITS>::kWords;
   static constexpr int kCodeVectors = NT * BITS;                  // uint4 per lane per stage
   static constexpr int kScaleWords = NT * kGroupsPerChunk;        // u32 per lane per stage
+  static_assert(XS != kXRow || MT == 1, "kXRow holds one row of x: MT must be 1");
   static constexpr int kXVectors = MT * kStepsPerChunk / 2;       // uint4 per lane of a chunk's x
-  static constexpr int kXBytes = 32 * 16 * kXVectors;
+  static constexpr int kXBytes = XS == kXRow ? 2 * kChunkK : 32 * 16 * kXVectors;
   static constexpr int kXOffset = 32 * (16 * kCodeVectors + 4 * kScaleWords);
-  static constexpr int kStageBytes = kXOffset + (XS == kXWarp ? kXBytes : 0);
+  static constexpr int kStageBytes = kXOffset + (XS == kXWarp || XS == kXRow ? kXBytes : 0);
   // x goes in batches of kPairsPerBatch step pairs for MT m tiles: 16 registers a batch, two
   // batches live at once (the one in use and the one in flight).
   static constexpr int kPairsPerBatch = 4 / MT;
@@ -184,6 +190,23 @@ __device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.com
 // Barrier `id` (1 to 15; 0 is __syncthreads') over the first `threads` threads that reach it.
 __device__ __forceinline__ void sync_named(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" :: "r"(id), "r"(threads) : "memory");
+}
+
+// Programmatic dependent launch (sm_90; no-ops before it, and when the grid was launched
+// without the attribute). The trigger lets the next grid in the stream, if launched with the
+// attribute, start once every CTA of this one has run it; the wait returns once the grid
+// before this one has finished and its writes are visible. Nothing that grid may write (x, y,
+// the weight buffers) is read or written before the wait.
+__device__ __forceinline__ void launch_dependent_grids() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void wait_for_prior_grid() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
 }
 
 template <int N> __device__ __forceinline__ void copy_async_wait() {
@@ -253,6 +276,13 @@ __device__ __forceinline__ void copy_x_async(uint4* dst, const uint4* const (&x_
     }
 }
 
+// kXRow: start copying the 256 x values of chunk c of the row at x_row into dst, 16 bytes a
+// lane in k order; k past K is zero-filled, not read.
+__device__ __forceinline__ void copy_x_row_async(uint4* dst, const uint4* x_row, int c, int K,
+                                                 int lane) {
+  copy_async_16(dst + lane, x_row + c * kChunkK / 8 + lane, c * kChunkK + 8 * lane < K);
+}
+
 // A lane's 4 * BITS code words of one (tile, chunk) from its BITS 16-byte vectors, 32 vectors
 // apart from src, its first (the packed layout, in global memory or in a stage); load reads one.
 template <int BITS, typename Load>
@@ -310,22 +340,25 @@ __device__ __forceinline__ void load_x(typename WarpTile<BITS, GROUP, NT, MT>::X
 }
 
 // kXWarp, kXShared: x of batch `batch` from the stage's copy (x_stage: this lane's first piece).
-template <int BITS, int GROUP, int NT, int MT>
+// kXRow: x_stage is the row's piece 8 tig, and step pair j takes piece 4 j + tig: the 8 lanes
+// of a tig read the same 16 bytes (a broadcast), as their B fragments are all of row m0.
+template <int BITS, int GROUP, int NT, int MT, int XS>
 __device__ __forceinline__ void load_x_staged(typename WarpTile<BITS, GROUP, NT, MT>::XBatch& xv,
                                               const uint4* x_stage, int batch) {
   using Tile = WarpTile<BITS, GROUP, NT, MT>;
+  constexpr int kPieceStride = XS == kXRow ? 4 : 32;
 #pragma unroll
   for (int b = 0; b < Tile::kPairsPerBatch; ++b)
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
-      xv[b][mt] = x_stage[32 * (mt * kStepsPerChunk / 2 + batch * Tile::kPairsPerBatch + b)];
+      xv[b][mt] = x_stage[kPieceStride * (mt * kStepsPerChunk / 2 + batch * Tile::kPairsPerBatch + b)];
 }
 
 // acc += the products of one chunk c. xv holds batch 0 of chunk c on entry; the next batch of x
 // is in flight while one computes. With x from global memory, xv holds batch 0 of chunk c_next
-// (if c_next >= 0) on exit; with STAGED_X, x comes from x_stage, the stage's copy, and the caller
-// loads batch 0.
-template <int BITS, int GROUP, typename T, int NT, int MT, bool STAGED_X, int COPIES>
+// (if c_next >= 0) on exit; with XS != kXGlobal, x comes from x_stage, the stage's copy, and the
+// caller loads batch 0.
+template <int BITS, int GROUP, typename T, int NT, int MT, int XS, int COPIES>
 __device__ __forceinline__ void mma_chunk(typename WarpTile<BITS, GROUP, NT, MT>::Acc& acc,
                                           const typename WarpTile<BITS, GROUP, NT, MT>::Codes& w,
                                           const typename WarpTile<BITS, GROUP, NT, MT>::Scales& sw,
@@ -343,8 +376,8 @@ __device__ __forceinline__ void mma_chunk(typename WarpTile<BITS, GROUP, NT, MT>
   for (int batch = 0; batch < Tile::kBatches; ++batch) {
     const int j0 = batch * Tile::kPairsPerBatch;
     typename Tile::XBatch xv_next;
-    if constexpr (STAGED_X) {
-      if (batch + 1 < Tile::kBatches) load_x_staged<BITS, GROUP, NT, MT>(xv_next, x_stage, batch + 1);
+    if constexpr (XS != kXGlobal) {
+      if (batch + 1 < Tile::kBatches) load_x_staged<BITS, GROUP, NT, MT, XS>(xv_next, x_stage, batch + 1);
     } else {
       if (batch + 1 < Tile::kBatches) load_x<BITS, GROUP, NT, MT>(xv_next, x_lane, c, batch + 1, K, tig);
       else if (c_next >= 0) load_x<BITS, GROUP, NT, MT>(xv_next, x_lane, c_next, 0, K, tig);
@@ -433,14 +466,17 @@ __device__ __forceinline__ void for_each_output(const float (&acc)[NT][MT][4], i
 
 template <int BITS, int GROUP, typename T, int NT, int MT, int WN, int WK, int STAGES, int XS,
           int COPIES>
-// One tile of each kind: 128 registers (16 warps an SM), which it fits without spilling.
-// More tiles: all the registers they need, down to one CTA an SM.
-__global__ void __launch_bounds__(32 * WN * WK, NT * MT == 1 ? 16 / (WN * WK) : 1)
+// One tile of each kind, or x of one row: 128 registers (16 warps an SM), which they fit without
+// spilling, but for two 4-bit tiles with scale groups of 32 or 64 k (ptxas spills those on
+// sm_90). More tiles: all the registers they need, down to one CTA an SM.
+__global__ void __launch_bounds__(32 * WN * WK,
+                                  NT * MT == 1 || (XS == kXRow && !(BITS == 4 && (GROUP == 32 || GROUP == 64)))
+                                      ? 16 / (WN * WK) : 1)
 lut_gemm(const T* __restrict__ x, long long x_row_stride,
          const uint4* __restrict__ qweight, const u32* __restrict__ scales,
          const u32* __restrict__ pair_lut, T* __restrict__ y,
          int M, int N, int K, int k_chunks, int n_groups) {
-  using Tile = WarpTile<BITS, GROUP, NT, MT>;
+  using Tile = WarpTile<BITS, GROUP, NT, MT, XS>;
   constexpr int kWarps = WN * WK;
   using Smem = SharedLayout<BITS, GROUP, NT, MT, kWarps, WK, STAGES, XS, COPIES>;
   static_assert(XS != kXShared || WN > 1, "kXShared is for WN > 1 warps along n (else kXWarp)");
@@ -450,6 +486,7 @@ lut_gemm(const T* __restrict__ x, long long x_row_stride,
   extern __shared__ __align__(16) unsigned char smem[];
   check_dynamic_shared(Smem::kPipelineBytes > Smem::kPartialBytes ? Smem::kPipelineBytes
                                                                   : Smem::kPartialBytes);
+  if (XS == kXRow && M > 1) __trap();  // launched past its one row (cuflute.gemm checks first)
 
   // warp = WN * wk + wn: the warps of one K slice side by side along n.
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -478,9 +515,16 @@ lut_gemm(const T* __restrict__ x, long long x_row_stride,
 
   // This warp's chunks are wk, wk + WK, ...; its i-th goes through stage i % STAGES.
   const int my_chunks = wk < k_chunks ? (k_chunks - wk + WK - 1) / WK : 0;
+
+  // The next grid may start as this one's CTAs are all resident; this one starts reading once
+  // the one before it is done (programmatic dependent launch: its start-up overlaps that one's
+  // last CTAs; warming L2 with the weight in that time measured slower, docs/PERF_NOTES.md v17).
+  launch_dependent_grids();
+  wait_for_prior_grid();
   auto x_stage = [&](int i) {
     return reinterpret_cast<uint4*>(XS == kXShared ? Smem::shared_x(smem, wk, i)
-                                                   : Smem::stage(smem, warp, i) + Tile::kXOffset) + lane;
+                                                   : Smem::stage(smem, warp, i) + Tile::kXOffset) +
+           (XS == kXRow ? tig : lane);
   };
   auto issue = [&](int i) {
     if (i < my_chunks) {
@@ -488,6 +532,7 @@ lut_gemm(const T* __restrict__ x, long long x_row_stride,
                                         wk + i * WK, n_tiles, k_chunks, n_groups, lane);
       if constexpr (XS == kXWarp) copy_x_async<MT, 1>(x_stage(i), x_lane, row_valid, wk + i * WK, K, 0, lane);
       if constexpr (XS == kXShared) copy_x_async<MT, WN>(x_stage(i), x_lane, row_valid, wk + i * WK, K, wn, lane);
+      if constexpr (XS == kXRow) copy_x_row_async(x_stage(i) - tig, x_lane[0] - tig, wk + i * WK, K, lane);
     }
     copy_async_commit();  // empty groups too, so that wait_group counts chunks
   };
@@ -515,9 +560,9 @@ lut_gemm(const T* __restrict__ x, long long x_row_stride,
     typename Tile::Codes w;
     typename Tile::Scales sw;
     read_stage<BITS, GROUP, NT, MT>(Smem::stage(smem, warp, i), lane, w, sw);
-    if constexpr (kStagedX) load_x_staged<BITS, GROUP, NT, MT>(xv, x_stage(i), 0);
+    if constexpr (kStagedX) load_x_staged<BITS, GROUP, NT, MT, XS>(xv, x_stage(i), 0);
     const int c = wk + i * WK;
-    mma_chunk<BITS, GROUP, T, NT, MT, kStagedX, COPIES>(acc, w, sw, xv, x_lane, x_stage(i), c,
+    mma_chunk<BITS, GROUP, T, NT, MT, XS, COPIES>(acc, w, sw, xv, x_lane, x_stage(i), c,
                                          i + 1 < my_chunks ? c + WK : -1, K,
                                          reinterpret_cast<const char*>(smem), lane_bytes, tig);
   }

@@ -3,12 +3,13 @@
 // The op is defined, and implemented in Python, by cuflute/torch.py. Through the dispatcher a
 // Python kernel costs about 6 us of host time a call before it does anything (the boxing of
 // nine arguments into Python objects); this one reads the arguments unboxed, allocates the
-// output, looks the launch up in its own table and calls cuLaunchKernel. What it does not
+// output, looks the launch up in its own table and calls cuLaunchKernelEx. What it does not
 // know it asks Python once per (weight, M):
 //
 //   planner(x, qweight, scales, pair_lut, n, k, bits, group_size, dtype)
-//       -> (CUfunction address, grid x, y, z, threads, shared bytes, k_chunks, n_groups), or
-//          None where one lut_gemm launch does not do it (the dense path)
+//       -> (CUfunction address, grid x, y, z, threads, shared bytes, k_chunks, n_groups,
+//           programmatic), or None where one lut_gemm launch does not do it (the dense path);
+//           programmatic: launch it as a programmatic dependent launch (cuflute/gemm.py)
 //   fallback(same arguments) -> the output: the Python kernel, for everything else (errors,
 //       x that is not a contiguous 16-byte-aligned [.., K] tensor, M = 0, the dense path)
 //
@@ -35,13 +36,26 @@ namespace py = pybind11;
 using CUresult = int;
 using CUfunction = void*;
 using CUcontext = void*;
-using LaunchKernel = CUresult (*)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned,
-                                  unsigned, unsigned, cudaStream_t, void**, void**);
+// CUlaunchAttribute and CUlaunchConfig as cuda.h lays them out (cuflute/gemm.py has the same).
+struct LaunchAttribute {
+  unsigned id, pad;
+  int value[16];
+};
+struct LaunchConfig {
+  unsigned grid[3], block[3], shared_bytes;
+  cudaStream_t stream;
+  LaunchAttribute* attrs;
+  unsigned num_attrs;
+};
+static_assert(sizeof(LaunchAttribute) == 72 && sizeof(LaunchConfig) == 56,
+              "CUlaunchAttribute / CUlaunchConfig layout");
+constexpr unsigned kProgrammaticStreamSerialization = 6;  // CUlaunchAttributeID
+using LaunchKernelEx = CUresult (*)(const LaunchConfig*, CUfunction, void**, void**);
 using CtxGetCurrent = CUresult (*)(CUcontext*);
 using GetErrorString = CUresult (*)(CUresult, const char**);
 
 struct Driver {
-  LaunchKernel launch_kernel = nullptr;
+  LaunchKernelEx launch_kernel_ex = nullptr;
   CtxGetCurrent ctx_get_current = nullptr;
   GetErrorString get_error_string = nullptr;
 
@@ -49,11 +63,11 @@ struct Driver {
     void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
     if (lib == nullptr) lib = dlopen("libcuda.so.1", RTLD_NOW);
     TORCH_CHECK(lib != nullptr, "cuflute: libcuda.so.1 not found: ", dlerror());
-    launch_kernel = reinterpret_cast<LaunchKernel>(dlsym(lib, "cuLaunchKernel"));
+    launch_kernel_ex = reinterpret_cast<LaunchKernelEx>(dlsym(lib, "cuLaunchKernelEx"));
     ctx_get_current = reinterpret_cast<CtxGetCurrent>(dlsym(lib, "cuCtxGetCurrent"));
     get_error_string = reinterpret_cast<GetErrorString>(dlsym(lib, "cuGetErrorString"));
-    TORCH_CHECK(launch_kernel && ctx_get_current && get_error_string,
-                "cuflute: libcuda.so.1 lacks cuLaunchKernel, cuCtxGetCurrent or cuGetErrorString");
+    TORCH_CHECK(launch_kernel_ex && ctx_get_current && get_error_string,
+                "cuflute: libcuda.so.1 lacks cuLaunchKernelEx, cuCtxGetCurrent or cuGetErrorString");
   }
 };
 
@@ -88,6 +102,7 @@ struct Plan {
   CUfunction function;
   unsigned grid[3], threads, shared_bytes;
   int k_chunks, n_groups;
+  bool programmatic;
 };
 
 constexpr size_t kMaxPlans = 1 << 16;
@@ -121,6 +136,7 @@ Plan make_plan(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
   plan.shared_bytes = t[5].cast<unsigned>();
   plan.k_chunks = t[6].cast<int>();
   plan.n_groups = t[7].cast<int>();
+  plan.programmatic = t[8].cast<bool>();
   return plan;
 }
 
@@ -181,13 +197,15 @@ at::Tensor qgemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::
   // lut_gemm(x, x_row_stride, qweight, scales, pair_lut, y, M, N, K, k_chunks, n_groups)
   void* params[] = {&x_ptr, &x_row_stride, &q_ptr, &s_ptr, &lut_ptr, &y_ptr,
                     &sizes[0], &sizes[1], &sizes[2], &sizes[3], &sizes[4]};
-  const CUresult status = cu.launch_kernel(
-      plan.function, plan.grid[0], plan.grid[1], plan.grid[2], plan.threads, 1, 1,
-      plan.shared_bytes, c10::cuda::getCurrentCUDAStream(device).stream(), params, nullptr);
+  LaunchAttribute programmatic{kProgrammaticStreamSerialization, 0, {1}};
+  const LaunchConfig config{{plan.grid[0], plan.grid[1], plan.grid[2]}, {plan.threads, 1, 1},
+                            plan.shared_bytes, c10::cuda::getCurrentCUDAStream(device).stream(),
+                            &programmatic, plan.programmatic ? 1u : 0u};
+  const CUresult status = cu.launch_kernel_ex(&config, plan.function, params, nullptr);
   if (status != 0) {
     const char* text = "unknown error";
     cu.get_error_string(status, &text);
-    TORCH_CHECK(false, "cuflute: cuLaunchKernel failed: ", text);
+    TORCH_CHECK(false, "cuflute: cuLaunchKernelEx failed: ", text);
   }
   return out;
 }

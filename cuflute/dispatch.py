@@ -9,7 +9,8 @@ from pathlib import Path
 
 import yaml
 
-from .kernels import TILE_CONFIGS, X_SHARED, X_WARP, KernelSpec, TileConfig, instantiated, parse_tile_config
+from .kernels import (TILE_CONFIGS, X_ROW, X_SHARED, X_WARP, KernelSpec, TileConfig, instantiated,
+                      parse_tile_config)
 
 _PACKAGE = Path(__file__).resolve().parent
 # Not a tile config: W' dequantized into a temporary buffer (cuda_src/lut_dequant.cuh), then a
@@ -19,6 +20,7 @@ DENSE = "dense"
 # The heuristic's threshold: on the H100 the best tile config beats the dense path at M = 128 and
 # loses to it at M = 256 (docs/PERF_NOTES.md, v16).
 DENSE_MIN_M = 256
+_ONE_ROW = TileConfig(nt=1, mt=1, wk=4, xs=X_ROW)
 _DECODE = TileConfig(nt=2, mt=1, wk=4, xs=X_WARP)
 _DECODE_WIDE_M = TileConfig(nt=2, mt=2, wk=4, xs=X_WARP)
 _MID_M = TileConfig(nt=2, mt=2, wn=2, wk=2, xs=X_SHARED)
@@ -70,15 +72,18 @@ def parse_config(text: str) -> TileConfig | str:
 
 
 def heuristic_config(m: int, group: int) -> TileConfig | str:
-    """Two 16-row n tiles a warp: up to 8 rows of x, one m tile and 4 warps splitting K, x
-    staged by each warp; up to 16, two m tiles. Past that, x shared by 2 warps side by side
+    """One row of x: one 16-row n tile a warp, 4 warps splitting K, the row staged by each
+    warp. Two n tiles a warp: up to 8 rows of x, one m tile and 4 warps splitting K, x staged by
+    each warp; up to 16, two m tiles. Past that, x shared by 2 warps side by side
     along n: up to 32 rows, two m tiles and 2 K slices; then four m tiles and one K slice
     (two m tiles for scale groups too small for four, kernels.instantiated). From DENSE_MIN_M
     rows, DENSE. Per M, the config that the H100 tuning picked most often (tuning/configs) or,
     where the picks spread, the one closest to the best on the benchmark's shapes
-    (docs/PERF_NOTES.md, v16)."""
+    (docs/PERF_NOTES.md, v16 and v17)."""
     if m >= DENSE_MIN_M:
         return DENSE
+    if m == 1:
+        return _ONE_ROW
     if m <= 8:
         return _DECODE
     if m <= 16:
@@ -95,17 +100,19 @@ def select_config(m: int, n: int, k: int, bits: int, group: int, dtype: str,
     m bucket at or above m (the largest past the end, unless the heuristic says DENSE there);
     anything else takes the heuristic. A choice whose shared memory exceeds
     ``max_shared_bytes`` (smaller on sm_86/sm_89 than on sm_80/sm_90) gives way to the config
-    of least shared memory (the widest tile among equals), which fits every target (DENSE needs
-    only the LUT's).
+    of least shared memory that takes m rows (the widest tile among equals), which fits every
+    target (DENSE needs only the LUT's).
     """
     rows = tuned_table(gpu_name).get(table_key(bits, group, dtype, n, k)) if gpu_name else None
     heuristic = heuristic_config(m, group)
     if rows and (m <= rows[-1][0] or heuristic != DENSE):
         config = next((config for bucket, config in rows if bucket >= m), rows[-1][1])
+        if config != DENSE and not config.takes(m):
+            config = heuristic  # the largest bucket's config takes fewer rows than m
     else:
         config = heuristic
     if config == DENSE or max_shared_bytes is None or \
             KernelSpec(bits, group, dtype, config).shared_bytes <= max_shared_bytes:
         return config
-    return min((c for c in TILE_CONFIGS if instantiated(group, c)),
+    return min((c for c in TILE_CONFIGS if instantiated(group, c) and c.takes(m)),
                key=lambda c: (KernelSpec(bits, group, dtype, c).shared_bytes, -c.mt * c.nt))

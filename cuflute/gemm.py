@@ -3,6 +3,7 @@ CuPy's pool beyond the output (pass ``out=`` to avoid even that), so it can be g
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 import weakref
 from dataclasses import dataclass
@@ -14,6 +15,10 @@ from .kernels import DequantSpec, KernelSpec, TileConfig, get_kernel
 from .packing import TILE_N, PackedWeight
 
 _MAX_GRID_Y = 65535
+# lut_gemm goes out as a programmatic dependent launch on sm_90 and later: its CTAs start while
+# the kernel before it in the stream finishes, and wait for that one's writes before they read
+# (docs/PERF_NOTES.md, v17). CUFLUTE_PDL=0, read at import, launches it plainly.
+PROGRAMMATIC_LAUNCH = os.environ.get("CUFLUTE_PDL", "1") != "0"
 
 
 def gpu_available() -> bool:
@@ -70,7 +75,8 @@ def qgemm(x, packed: PackedWeight, out=None, config: TileConfig | str | None = N
         _dense_gemm(mat, packed, plan, out, stream)
         return out
     launch(plan.function, plan.grid, plan.threads, plan.shared_bytes, stream,
-           mat.device, (mat.ptr, mat.row_stride, *plan.weights, out_ptr, *plan.sizes))
+           mat.device, (mat.ptr, mat.row_stride, *plan.weights, out_ptr, *plan.sizes),
+           plan.programmatic)
     return out
 
 
@@ -137,6 +143,8 @@ class LaunchPlan:
     # function is lut_dequant's, not lut_gemm's, and grid covers all of W' (_dequantize_rows
     # makes the grid of each slab)
     dense: bool
+    # launched as a programmatic dependent launch (lut_gemm on compute capability 9.0 and later)
+    programmatic: bool = False
 
 
 # (id(packed), M, config) -> (weak reference to packed, LaunchPlan). A PackedWeight is frozen,
@@ -173,6 +181,8 @@ def _new_plan(packed: PackedWeight, m: int, config: TileConfig | str | None) -> 
         spec = DequantSpec(packed.bits, packed.kernel_group, packed.dtype)
         return LaunchPlan(get_kernel(spec, device), _dequant_grid(packed.n, packed.k_chunks),
                           spec.threads, spec.shared_bytes, weights, sizes, dense=True)
+    if not tile.takes(m):
+        raise ValueError(f"tile config {tile} takes at most {tile.max_m} rows of x, got M = {m}")
     grid = (-(-m // tile.block_m), -(-packed.n_tiles // tile.block_n_tiles), 1)
     if grid[1] > _MAX_GRID_Y:
         raise ValueError(f"N = {packed.n} needs {grid[1]} CTA rows, more than CUDA's {_MAX_GRID_Y}")
@@ -181,28 +191,57 @@ def _new_plan(packed: PackedWeight, m: int, config: TileConfig | str | None) -> 
         raise ValueError(f"tile config {tile} needs {spec.shared_bytes} bytes of shared memory, "
                          f"cuda:{device} allows {props['sharedMemPerBlockOptin']}")
     return LaunchPlan(get_kernel(spec, device), grid, tile.threads, spec.shared_bytes, weights,
-                      sizes, dense=False)
+                      sizes, dense=False,
+                      programmatic=PROGRAMMATIC_LAUNCH and props["major"] >= 9)
 
 
 _MAX_PARAMS = 16
 
 
+class _LaunchAttribute(ctypes.Structure):
+    """CUlaunchAttribute (cuda.h): an id, padding to 8 bytes, a 64-byte value union."""
+
+    _fields_ = [("id", ctypes.c_uint), ("pad", ctypes.c_uint), ("value", ctypes.c_int * 16)]
+
+
+class _LaunchConfig(ctypes.Structure):
+    """CUlaunchConfig (cuda.h), the first argument of cuLaunchKernelEx."""
+
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3),
+                ("shared_bytes", ctypes.c_uint), ("stream", ctypes.c_void_p),
+                ("attrs", ctypes.POINTER(_LaunchAttribute)), ("num_attrs", ctypes.c_uint)]
+
+
+# CUlaunchAttributeID: the launched grid may start while the one before it in the stream runs,
+# once that one's CTAs have all run griddepcontrol.launch_dependents; it waits for the data with
+# griddepcontrol.wait (cuda_src/lut_gemm.cuh). Only for kernels that do wait.
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6
+
+
 class _ParamBlock:
-    """A thread's kernel-parameter block for cuLaunchKernel: 8-byte slots, and the array of
-    pointers to them that the driver reads. The driver copies the values during the launch, so
-    one block serves every launch of its thread. A 4-byte int parameter reads the low half of
-    its slot (x86-64 and aarch64 are little-endian), a pointer or 64-bit one all of it.
+    """A thread's launch block for cuLaunchKernelEx: the config, its one attribute, 8-byte
+    parameter slots and the array of pointers to them that the driver reads. The driver copies
+    the values during the launch, so one block serves every launch of its thread. A 4-byte int
+    parameter reads the low half of its slot (x86-64 and aarch64 are little-endian), a pointer
+    or 64-bit one all of it.
 
         pointers: [&slot0, &slot1, ...]      slots: [x, x_row_stride, qweight, ..., M, N, ...]
     """
 
-    __slots__ = ("slots", "pointers", "address", "bound_devices")
+    __slots__ = ("slots", "pointers", "address", "config", "config_address", "attribute",
+                 "bound_devices")
 
     def __init__(self):
         self.slots = (ctypes.c_uint64 * _MAX_PARAMS)()
         base = ctypes.addressof(self.slots)
         self.pointers = (ctypes.c_void_p * _MAX_PARAMS)(*(base + 8 * i for i in range(_MAX_PARAMS)))
         self.address = ctypes.addressof(self.pointers)
+        self.attribute = _LaunchAttribute(_PROGRAMMATIC_STREAM_SERIALIZATION)
+        self.attribute.value[0] = 1
+        self.config = _LaunchConfig()
+        self.config.attrs = ctypes.pointer(self.attribute)
+        self.config.block[1] = self.config.block[2] = 1
+        self.config_address = ctypes.addressof(self.config)
         self.bound_devices: set[int] = set()  # devices whose context this thread made current
 
 
@@ -213,35 +252,61 @@ class _ThreadState(threading.local):
 
 _THREAD = _ThreadState()
 _cuda = None  # cupy.cuda, imported at the first launch: nothing GPU-related at import time
+_driver = None  # libcuda's cuLaunchKernelEx and cuGetErrorString, loaded at the first launch
 
 
 def launch(function, grid: tuple[int, int, int], threads: int, shared_bytes: int, stream: int,
-           device: int, args: tuple[int, ...]) -> None:
+           device: int, args: tuple[int, ...], programmatic: bool = False) -> None:
     """Launch ``function`` (a cupy.cuda.Function of ``device``) on the stream with handle
-    ``stream``, its parameters being the ints ``args`` (addresses, sizes) in the kernel's order.
+    ``stream``, its parameters being the ints ``args`` (addresses, sizes) in the kernel's order;
+    ``programmatic``: as a programmatic dependent launch (only for a kernel that waits for the
+    grid before it with griddepcontrol.wait, and a device of compute capability 9.0 or later).
 
-    cuLaunchKernel straight from a reused parameter block: CuPy's Function call boxes every
-    argument into objects first (8.5 us a launch against 5.3 on the H100 machine's host).
+    cuLaunchKernelEx through ctypes from a reused launch block: CuPy's Function call boxes every
+    argument into objects first (8.5 us a launch on the H100 machine's host, against 5.3 for
+    its bare cuLaunchKernel), and CuPy has no call that takes launch attributes.
     """
     cuda = _cuda or _import_cuda()
     block = _THREAD.block
     block.slots[:len(args)] = args
-    if cuda.runtime.getDevice() == device and device in block.bound_devices:
-        cuda.driver.launchKernel(function.ptr, grid[0], grid[1], grid[2], threads, 1, 1,
-                                 shared_bytes, stream, block.address, 0)
+    config = block.config
+    config.grid[:] = grid
+    config.block[0] = threads
+    config.shared_bytes = shared_bytes
+    config.stream = stream
+    config.num_attrs = programmatic
+    if cuda.runtime.getDevice() != device or device not in block.bound_devices:
+        with cuda.Device(device):
+            # cuLaunchKernelEx needs the device's context current on this thread; since CUDA 12
+            # cudaSetDevice makes it so (the first launch of a thread may find none bound yet).
+            cuda.runtime.setDevice(device)
+            block.bound_devices.add(device)
+            _launch_ex(block, function)
         return
-    with cuda.Device(device):
-        # cuLaunchKernel needs the device's context current on this thread; since CUDA 12
-        # cudaSetDevice makes it so (the first launch of a thread may find none bound yet).
-        cuda.runtime.setDevice(device)
-        block.bound_devices.add(device)
-        cuda.driver.launchKernel(function.ptr, grid[0], grid[1], grid[2], threads, 1, 1,
-                                 shared_bytes, stream, block.address, 0)
+    _launch_ex(block, function)
+
+
+def _launch_ex(block: _ParamBlock, function) -> None:
+    launch_ex, error_string = _driver
+    status = launch_ex(block.config_address, function.ptr, block.address, None)
+    if status:
+        text = ctypes.c_char_p()
+        error_string(status, ctypes.byref(text))
+        raise RuntimeError(f"cuLaunchKernelEx failed: {(text.value or b'unknown error').decode()} "
+                           f"(CUresult {status})")
 
 
 def _import_cuda():
-    global _cuda
+    global _cuda, _driver
     import cupy.cuda
 
+    libcuda = ctypes.CDLL("libcuda.so.1")  # loaded already by CuPy: the same driver
+    launch_ex = libcuda.cuLaunchKernelEx  # CUDA 12.0 and later
+    launch_ex.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    launch_ex.restype = ctypes.c_int
+    error_string = libcuda.cuGetErrorString
+    error_string.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
+    error_string.restype = ctypes.c_int
+    _driver = (launch_ex, error_string)
     _cuda = cupy.cuda
     return _cuda

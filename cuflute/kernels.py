@@ -34,15 +34,16 @@ KERNEL_HEADERS = ("lut_gemm.cuh", "lut_dequant.cuh", "bcq_gemv.cuh")
 X_GLOBAL = 0  # global memory, a batch ahead
 X_WARP = 1  # each warp's pipeline stage, copied by the warp along with its codes
 X_SHARED = 2  # one copy a stage for the WN warps of a K slice, filled by them together
-_X_SUFFIX = {X_GLOBAL: "", X_WARP: "_xs", X_SHARED: "_xsh"}
+X_ROW = 3  # M = 1 only: each warp's pipeline stage, the one row's 256 values of a chunk
+_X_SUFFIX = {X_GLOBAL: "", X_WARP: "_xs", X_SHARED: "_xsh", X_ROW: "_xr"}
 
 
 @dataclass(frozen=True, order=True)
 class TileConfig:
     """A CTA shape: NT 16-row n tiles per warp, MT 8-column m tiles, WN warps side by side
     along n times WK warps splitting K, each warp's cp.async pipeline STAGES chunks deep; XS
-    where x comes from (X_GLOBAL, X_WARP, X_SHARED); LUT_COPIES copies of the pair LUT in
-    shared memory (16: half the bytes, some bank conflicts)."""
+    where x comes from (X_GLOBAL, X_WARP, X_SHARED, X_ROW: M = 1 only); LUT_COPIES copies of
+    the pair LUT in shared memory (16: half the bytes, some bank conflicts)."""
 
     nt: int
     mt: int
@@ -59,6 +60,17 @@ class TileConfig:
             raise ValueError(f"xs must be one of {sorted(_X_SUFFIX)}, got {self.xs!r}")
         if self.xs == X_SHARED and self.wn < 2:
             raise ValueError("x shared by the warps along n (_xsh) needs wn >= 2")
+        if self.xs == X_ROW and self.mt != 1:
+            raise ValueError("x of one row (_xr) needs mt = 1")
+
+    @property
+    def max_m(self) -> int | None:
+        """The most rows of x the config takes (None: any)."""
+        return 1 if self.xs == X_ROW else None
+
+    def takes(self, m: int) -> bool:
+        """Whether the config can multiply m rows of x."""
+        return self.max_m is None or m <= self.max_m
 
     @property
     def block_m(self) -> int:
@@ -85,6 +97,10 @@ class TileConfig:
 # For compilation time, only the shapes that the dispatcher and the tuner use are instantiated.
 TILE_CONFIGS = (
     TileConfig(nt=1, mt=1, wk=8),
+    # M = 1: the one row of x through each warp's pipeline, 512 bytes a chunk
+    TileConfig(nt=1, mt=1, wk=4, xs=X_ROW),
+    TileConfig(nt=1, mt=1, wk=8, xs=X_ROW),
+    TileConfig(nt=2, mt=1, wk=8, xs=X_ROW),
     # x through each warp's pipeline: two n tiles a warp halve the x each weight byte needs
     TileConfig(nt=1, mt=1, wk=4, xs=X_WARP),
     TileConfig(nt=2, mt=1, wk=4, xs=X_WARP),
@@ -111,9 +127,9 @@ def instantiated(group: int, tile: TileConfig) -> bool:
 def tile_config_from_name(text: str) -> TileConfig:
     """'nt2_mt1_wk8_s3' -> TileConfig(2, 1, 8, 3), 'nt2_mt4_wn4_wk1_s2_xsh_c16' ->
     TileConfig(2, 4, 1, 2, wn=4, xs=X_SHARED, lut_copies=16) (no _wn: one warp along n; _xs:
-    X_WARP, _xsh: X_SHARED, neither: X_GLOBAL; no _c: LUT_COPIES), whether or not it is one
-    of TILE_CONFIGS."""
-    match = re.fullmatch(r"nt(\d+)_mt(\d+)(?:_wn(\d+))?_wk(\d+)_s(\d+)(_xsh|_xs)?(?:_c(\d+))?", text.strip())
+    X_WARP, _xsh: X_SHARED, _xr: X_ROW, none: X_GLOBAL; no _c: LUT_COPIES), whether or not it
+    is one of TILE_CONFIGS."""
+    match = re.fullmatch(r"nt(\d+)_mt(\d+)(?:_wn(\d+))?_wk(\d+)_s(\d+)(_xsh|_xs|_xr)?(?:_c(\d+))?", text.strip())
     if not match:
         raise ValueError(f"tile config must look like nt2_mt1_wk8_s3 or nt2_mt4_wn4_wk1_s2_xsh_c16, "
                          f"got {text!r}")
@@ -169,7 +185,7 @@ class KernelSpec:
         groups_per_chunk = 1 if self.group == 0 else CHUNK_K // self.group
         x_bytes = 32 * 16 * t.mt * CHUNK_K // 32  # a chunk's x: 8 16-byte pieces a lane an m tile
         warp_stage = 32 * (16 * t.nt * self.bits + 4 * t.nt * groups_per_chunk)
-        warp_stage += x_bytes if t.xs == X_WARP else 0
+        warp_stage += x_bytes if t.xs == X_WARP else 2 * CHUNK_K if t.xs == X_ROW else 0
         shared_x = t.stages * t.wk * x_bytes if t.xs == X_SHARED else 0
         pipeline = lut + t.stages * t.warps * warp_stage + shared_x
         partial = t.warps * t.nt * t.mt * 4 * 32 * 4 if t.wk > 1 else 0

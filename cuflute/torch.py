@@ -126,7 +126,8 @@ def _native_plan(x, qweight, scales, pair_lut, n, k, bits, group_size, dtype):
     plan = gemm.launch_plan(packed, mat.m, None)
     if plan.dense:
         return None
-    return (plan.function.ptr, *plan.grid, plan.threads, plan.shared_bytes, *plan.sizes[3:])
+    return (plan.function.ptr, *plan.grid, plan.threads, plan.shared_bytes, *plan.sizes[3:],
+            plan.programmatic)
 
 
 _native = None  # the C++ launcher's module once loaded, False where it cannot be

@@ -75,12 +75,13 @@ def load_sweep(path: str | Path) -> Sweep:
 
 
 def useful_at(config: TileConfig | str, m: int) -> bool:
-    """Whether timing ``config`` at ``m`` rows can pay: an m tile more than twice the rows (or
-    wider than 8 at all when m <= 4) only multiplies by padding; below 32 rows, writing W' out
-    (DENSE) costs more than the whole LUT GEMM."""
+    """Whether timing ``config`` at ``m`` rows can pay (or can run at all: a config of one row of
+    x takes m = 1 only): an m tile more than twice the rows (or wider than 8 at all when m <= 4)
+    only multiplies by padding; below 32 rows, writing W' out (DENSE) costs more than the whole
+    LUT GEMM."""
     if config == DENSE:
         return m >= 32
-    return config.block_m <= max(8, 2 * m)
+    return config.block_m <= max(8, 2 * m) and config.takes(m)
 
 
 def _rel_error(y: np.ndarray, ref: np.ndarray) -> float:

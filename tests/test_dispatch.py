@@ -2,8 +2,8 @@ import pytest
 
 from cuflute import dispatch
 from cuflute.dispatch import DENSE, DENSE_MIN_M, gpu_slug, heuristic_config, parse_config, select_config
-from cuflute.kernels import (TILE_CONFIGS, X_SHARED, X_WARP, KernelSpec, TileConfig, all_specs, instantiated,
-                             parse_tile_config, tile_config_from_name)
+from cuflute.kernels import (TILE_CONFIGS, X_ROW, X_SHARED, X_WARP, KernelSpec, TileConfig, all_specs,
+                             instantiated, parse_tile_config, tile_config_from_name)
 
 
 @pytest.mark.parametrize("m", [1, 2, 7, 8, 9, 16, 17, 64, 300, 100000])
@@ -15,6 +15,7 @@ def test_heuristic_covers_every_m(m, n):
     else:
         assert tile in TILE_CONFIGS
         assert tile.block_m <= max(8, 2 * m), f"{m=} {n=} {tile}"
+        assert tile.takes(m), f"{m=} {n=} {tile}"
 
 
 def test_heuristic_m_tiles_follow_m():
@@ -24,6 +25,7 @@ def test_heuristic_m_tiles_follow_m():
     assert heuristic_config(33, 128).block_m == heuristic_config(DENSE_MIN_M - 1, 0).block_m == 32
     assert heuristic_config(33, 64).block_m == 16  # four m tiles are not built for groups of 64
     assert heuristic_config(DENSE_MIN_M, 128) == heuristic_config(10**6, 0) == DENSE
+    assert heuristic_config(1, 128).xs == X_ROW and heuristic_config(2, 128).xs == X_WARP
 
 
 @pytest.mark.parametrize("group", [32, 64])
@@ -47,6 +49,10 @@ def test_kernel_spec_validation():
         TileConfig(1, 8, 1)
     with pytest.raises(ValueError, match="needs wn >= 2"):
         TileConfig(2, 2, 4, xs=X_SHARED)
+    with pytest.raises(ValueError, match="x of one row .* needs mt = 1"):
+        TileConfig(1, 2, 4, xs=X_ROW)
+    assert TileConfig(1, 1, 4, xs=X_ROW).takes(1) and not TileConfig(1, 1, 4, xs=X_ROW).takes(2)
+    assert TileConfig(1, 1, 4, xs=X_WARP).takes(10**6)
 
 
 def test_name_expression_and_count():
@@ -68,6 +74,7 @@ def test_parse_tile_config():
         TileConfig(2, 4, 1, wn=4, xs=X_SHARED, lut_copies=16)
     assert tile_config_from_name("nt2_mt2_wn2_wk2_s3_xsh") == TileConfig(2, 2, 2, 3, wn=2, xs=X_SHARED)
     assert tile_config_from_name("nt1_mt2_wn8_wk1_s3_xs") == TileConfig(1, 2, 1, 3, wn=8, xs=X_WARP)
+    assert parse_tile_config("nt2_mt1_wk8_s2_xr") == TileConfig(2, 1, 8, xs=X_ROW)
     assert str(TileConfig(1, 2, 1, 3, wn=8, xs=X_WARP)) == "nt1_mt2_wn8_wk1_s3_xs"
     assert parse_tile_config("nt2_mt4_wk2_s2_xs") == TileConfig(2, 4, 2, xs=X_WARP)
     assert all(parse_tile_config(str(c)) == c for c in TILE_CONFIGS)
@@ -87,7 +94,8 @@ def test_tuned_table_overrides_the_heuristic(tmp_path, monkeypatch):
         "gpu: Test GPU\nentries:\n"
         "- {bits: 4, group: 128, dtype: float16, n: 4096, k: 4096, m: 4, config: nt2_mt1_wk4_s2_xs, us: 1.0}\n"
         "- {bits: 4, group: 128, dtype: float16, n: 4096, k: 4096, m: 32, config: nt2_mt2_wn2_wk2_s2_xsh, us: 2.0}\n"
-        "- {bits: 4, group: 128, dtype: float16, n: 4096, k: 4096, m: 64, config: nt9_mt1_wk8_s2, us: 3.0}\n")
+        "- {bits: 4, group: 128, dtype: float16, n: 4096, k: 4096, m: 64, config: nt9_mt1_wk8_s2, us: 3.0}\n"
+        "- {bits: 4, group: 128, dtype: float16, n: 1024, k: 4096, m: 1, config: nt1_mt1_wk8_s2_xr, us: 1.0}\n")
     monkeypatch.setenv("CUFLUTE_TUNING_DIR", str(tmp_path))
     dispatch.tuned_table.cache_clear()
     try:
@@ -98,6 +106,8 @@ def test_tuned_table_overrides_the_heuristic(tmp_path, monkeypatch):
         assert pick(5) == pick(32) == pick(DENSE_MIN_M - 1) == TileConfig(2, 2, 2, wn=2, xs=X_SHARED)  # largest past the end
         assert pick(DENSE_MIN_M) == DENSE  # ... unless the heuristic goes dense there
         assert pick(1, n=8192) == heuristic_config(1, 128)  # untuned shape: heuristic
+        assert pick(1, n=1024) == TileConfig(1, 1, 8, xs=X_ROW)
+        assert pick(2, n=1024) == heuristic_config(2, 128)  # the M = 1 config takes one row
         assert select_config(1, 4096, 4096, 4, 128, "float16", gpu_name="Other GPU") == \
             heuristic_config(1, 128)
     finally:
@@ -105,13 +115,15 @@ def test_tuned_table_overrides_the_heuristic(tmp_path, monkeypatch):
 
 
 def test_shared_memory_limit_picks_a_config_that_fits():
-    big = select_config(1, 4096, 4096, 4, 128, "float16")
+    big = select_config(4, 4096, 4096, 4, 128, "float16")
     need = KernelSpec(4, 128, "float16", big).shared_bytes
-    small = select_config(1, 4096, 4096, 4, 128, "float16", max_shared_bytes=need - 1)
+    small = select_config(4, 4096, 4096, 4, 128, "float16", max_shared_bytes=need - 1)
     assert KernelSpec(4, 128, "float16", small).shared_bytes < need
     # every bits/group fits sm_86/sm_89's 99 KiB opt-in limit with the fallback
     for bits in (2, 3, 4):
         for group in (32, 64, 128, 256, 0):
-            tile = select_config(1, 4096, 4096, bits, group, "float16", max_shared_bytes=101376)
-            assert KernelSpec(bits, group, "float16", tile).shared_bytes <= 101376, (bits, group)
+            for m in (1, 2):
+                tile = select_config(m, 4096, 4096, bits, group, "float16", max_shared_bytes=101376)
+                assert KernelSpec(bits, group, "float16", tile).shared_bytes <= 101376, (bits, group)
+                assert tile.takes(m), (bits, group, m, tile)
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import cuflute
-from cuflute import dtypes, reference
+from cuflute import dtypes, gemm, reference
 from cuflute.dispatch import DENSE
 from cuflute.kernels import TILE_CONFIGS, instantiated
 
@@ -64,7 +64,8 @@ def test_kernel_matches_reference(bits, group_size, dtype, n, k):
         assert err < REL_ERROR_BOUND[dtype], f"rel error {err:.2e}: {where}"
 
 
-CONFIG_CASES = [(c, bits, g) for c in TILE_CONFIGS + (DENSE,) for bits, g in [(3, 32), (4, None), (2, 128)]
+CONFIG_CASES = [(c, bits, g) for c in TILE_CONFIGS + (DENSE,)
+                for bits, g in [(3, 32), (4, None), (2, 128), (4, 64)]
                 if c == DENSE or instantiated(g or 0, c)]
 
 
@@ -72,11 +73,16 @@ CONFIG_CASES = [(c, bits, g) for c in TILE_CONFIGS + (DENSE,) for bits, g in [(3
 @pytest.mark.parametrize("n, k", [(24, 256), (1000, 1280), (200, 8192)])
 def test_every_tile_config_matches_reference(config, bits, group_size, n, k):
     """Each config forced (the dispatcher only picks some), with fewer chunks than warps
-    (K = 256), a ragged last tile (N = 1000) and long rows (K = 8192)."""
+    (K = 256), a ragged last tile (N = 1000) and long rows (K = 8192); a config of one row of x
+    refuses more."""
     packed, w64 = _weight(n, k, bits, group_size, "float16")
     for m in (1, 9, 17, 40):
         x64 = _random_x(m, k, "float16", seed=zlib.crc32(repr((m, n, str(config))).encode()))
         out = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
+        if config != DENSE and not config.takes(m):
+            with pytest.raises(ValueError, match=f"{config} takes at most 1 rows of x, got M = {m}"):
+                cuflute.qgemm(_to_torch(x64, "float16"), packed, out=out, config=config)
+            continue
         y = cuflute.qgemm(_to_torch(x64, "float16"), packed, out=out, config=config)
         y64 = y.double().cpu().numpy()
         where = f"{config} {bits=} group={group_size} {m=} {n=} {k=}"
@@ -185,6 +191,43 @@ def test_runs_on_the_callers_stream_and_in_a_cuda_graph():
         graph.replay()
         torch.cuda.synchronize()
         assert _rel_error(out.double().cpu().numpy(), x64 @ w64.T) < 1e-3
+
+
+@pytest.mark.parametrize("m", [1, 16])
+def test_back_to_back_launches_wait_for_the_one_before(m):
+    """On sm_90 lut_gemm goes out as a programmatic dependent launch: it starts while the kernel
+    before it runs and must neither read x nor write y before that one is done. Two calls back
+    to back, the second reading what the first writes and writing what it read, eager and
+    replayed from a CUDA graph, on a weight of 512 CTAs at M = 1."""
+    packed, w64 = _weight(4096, 4096, 4, 128, "float16")
+    major = gemm.device_properties(0)["major"]
+    assert gemm.launch_plan(packed, m, None).programmatic == (
+        major >= 9 and gemm.PROGRAMMATIC_LAUNCH)
+    a = torch.empty(m, 4096, dtype=torch.float16, device="cuda")
+    b = torch.empty_like(a)
+
+    def both():
+        cuflute.qgemm(a, packed, out=b)
+        cuflute.qgemm(b, packed, out=a)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        both()  # warm-up compiles outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            both()
+    torch.cuda.current_stream().wait_stream(side)
+    for run in (both, graph.replay):
+        for seed in (11, 12, 13):
+            x64 = _random_x(m, 4096, "float16", seed=seed)
+            a.copy_(_to_torch(x64, "float16"))
+            b.fill_(float("nan"))
+            run()
+            torch.cuda.synchronize()
+            first, second = b.double().cpu().numpy(), a.double().cpu().numpy()
+            assert _rel_error(first, x64 @ w64.T) < 1e-3, (run, seed)
+            assert _rel_error(second, first @ w64.T) < 1e-3, (run, seed)
 
 
 def test_errors():

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from cuflute.dispatch import DENSE
-from cuflute.kernels import TILE_CONFIGS, X_SHARED, X_WARP, TileConfig
+from cuflute.kernels import TILE_CONFIGS, X_ROW, X_SHARED, X_WARP, TileConfig
 from cuflute.tune import load_sweep, useful_at
 
 SWEEPS = Path(__file__).resolve().parent.parent / "tuning" / "sweeps"
@@ -55,5 +55,8 @@ def test_unknown_candidate(tmp_path):
 def test_useful_at_prunes_wide_m_tiles_for_small_m():
     wide = TileConfig(1, 4, 4)
     assert not useful_at(wide, 1) and not useful_at(wide, 15) and useful_at(wide, 16)
-    assert all(useful_at(c, m) for c in TILE_CONFIGS if c.mt == 1 for m in (1, 4, 128))
+    assert all(useful_at(c, m) for c in TILE_CONFIGS if c.mt == 1 and c.max_m is None
+               for m in (1, 4, 128))
+    one_row = TileConfig(1, 1, 4, xs=X_ROW)
+    assert useful_at(one_row, 1) and not useful_at(one_row, 2)
     assert not useful_at(DENSE, 16) and useful_at(DENSE, 32)

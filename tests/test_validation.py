@@ -54,7 +54,7 @@ def test_row_stride_of_flattened_leading_dims(shape, strides, expected):
 
 
 def test_param_block_points_the_driver_at_each_argument():
-    """cuLaunchKernel reads parameter i from pointers[i]: 8 bytes for an address, the low 4
+    """cuLaunchKernelEx reads parameter i from pointers[i]: 8 bytes for an address, the low 4
     bytes for an int."""
     import ctypes
 
@@ -68,3 +68,22 @@ def test_param_block_points_the_driver_at_each_argument():
         assert ctypes.c_uint64.from_address(pointers[i]).value == value, f"slot {i}"
         if value < 2**31:
             assert ctypes.c_int32.from_address(pointers[i]).value == value, f"slot {i} as int"
+
+
+def test_launch_config_has_cuda_h_layout():
+    """CUlaunchConfig and CUlaunchAttribute as cuda.h lays them out on 64-bit hosts (and
+    cuda_src/torch_op.cpp static_asserts): the driver reads the bytes, not the names."""
+    import ctypes
+
+    from cuflute.gemm import _PROGRAMMATIC_STREAM_SERIALIZATION, _LaunchConfig, _ParamBlock
+
+    offsets = {name: getattr(_LaunchConfig, name).offset for name, _ in _LaunchConfig._fields_}
+    assert offsets == {"grid": 0, "block": 12, "shared_bytes": 24, "stream": 32, "attrs": 40,
+                       "num_attrs": 48}
+    assert ctypes.sizeof(_LaunchConfig) == 56
+    block = _ParamBlock()
+    attribute = bytes(block.config.attrs.contents)
+    assert len(attribute) == 72
+    assert attribute[:4] == _PROGRAMMATIC_STREAM_SERIALIZATION.to_bytes(4, "little")
+    assert attribute[8:12] == (1).to_bytes(4, "little")  # programmaticStreamSerializationAllowed
+    assert tuple(block.config.block) == (0, 1, 1)
