@@ -340,8 +340,9 @@ __device__ __forceinline__ void load_x(typename WarpTile<BITS, GROUP, NT, MT>::X
 }
 
 // kXWarp, kXShared: x of batch `batch` from the stage's copy (x_stage: this lane's first piece).
-// kXRow: x_stage is the row's piece 8 tig, and step pair j takes piece 4 j + tig: the 8 lanes
-// of a tig read the same 16 bytes (a broadcast), as their B fragments are all of row m0.
+// kXRow: x_stage points at the row's 16 bytes from k = 8 tig, and step pair j takes the 16 bytes
+// from k = 32 j + 8 tig: the 8 lanes of a tig read the same ones (a broadcast), as their B
+// fragments are all of row m0.
 template <int BITS, int GROUP, int NT, int MT, int XS>
 __device__ __forceinline__ void load_x_staged(typename WarpTile<BITS, GROUP, NT, MT>::XBatch& xv,
                                               const uint4* x_stage, int batch) {
@@ -469,9 +470,9 @@ template <int BITS, int GROUP, typename T, int NT, int MT, int WN, int WK, int S
 // One tile of each kind, or x of one row: 128 registers (16 warps an SM), which they fit without
 // spilling, but for two 4-bit tiles with scale groups of 32 or 64 k (ptxas spills those on
 // sm_90). More tiles: all the registers they need, down to one CTA an SM.
-__global__ void __launch_bounds__(32 * WN * WK,
-                                  NT * MT == 1 || (XS == kXRow && !(BITS == 4 && (GROUP == 32 || GROUP == 64)))
-                                      ? 16 / (WN * WK) : 1)
+__global__ void __launch_bounds__(
+    32 * WN * WK,
+    NT * MT == 1 || (XS == kXRow && !(BITS == 4 && (GROUP == 32 || GROUP == 64))) ? 16 / (WN * WK) : 1)
 lut_gemm(const T* __restrict__ x, long long x_row_stride,
          const uint4* __restrict__ qweight, const u32* __restrict__ scales,
          const u32* __restrict__ pair_lut, T* __restrict__ y,
@@ -563,8 +564,8 @@ lut_gemm(const T* __restrict__ x, long long x_row_stride,
     if constexpr (kStagedX) load_x_staged<BITS, GROUP, NT, MT, XS>(xv, x_stage(i), 0);
     const int c = wk + i * WK;
     mma_chunk<BITS, GROUP, T, NT, MT, XS, COPIES>(acc, w, sw, xv, x_lane, x_stage(i), c,
-                                         i + 1 < my_chunks ? c + WK : -1, K,
-                                         reinterpret_cast<const char*>(smem), lane_bytes, tig);
+                                                  i + 1 < my_chunks ? c + WK : -1, K,
+                                                  reinterpret_cast<const char*>(smem), lane_bytes, tig);
   }
   copy_async_wait<0>();  // only empty groups are left, but none may land on reused memory
   scale_rows<GROUP, T, NT, MT>(acc, scales, tile0, n_tiles, n_groups, gid);
