@@ -467,12 +467,9 @@ __device__ __forceinline__ void for_each_output(const float (&acc)[NT][MT][4], i
 
 template <int BITS, int GROUP, typename T, int NT, int MT, int WN, int WK, int STAGES, int XS,
           int COPIES>
-// One tile of each kind, or x of one row: 128 registers (16 warps an SM), which they fit without
-// spilling, but for two 4-bit tiles with scale groups of 32 or 64 k (ptxas spills those on
-// sm_90). More tiles: all the registers they need, down to one CTA an SM.
-__global__ void __launch_bounds__(
-    32 * WN * WK,
-    NT * MT == 1 || (XS == kXRow && !(BITS == 4 && (GROUP == 32 || GROUP == 64))) ? 16 / (WN * WK) : 1)
+// One tile of each kind: 128 registers (16 warps an SM), which it fits without spilling.
+// More tiles: all the registers they need, down to one CTA an SM.
+__global__ void __launch_bounds__(32 * WN * WK, NT * MT == 1 ? 16 / (WN * WK) : 1)
 lut_gemm(const T* __restrict__ x, long long x_row_stride,
          const uint4* __restrict__ qweight, const u32* __restrict__ scales,
          const u32* __restrict__ pair_lut, T* __restrict__ y,
@@ -522,18 +519,20 @@ lut_gemm(const T* __restrict__ x, long long x_row_stride,
   // last CTAs; warming L2 with the weight in that time measured slower, docs/PERF_NOTES.md v17).
   launch_dependent_grids();
   wait_for_prior_grid();
-  auto x_stage = [&](int i) {
+  // The copy of chunk i's x (its first piece), and this lane's first piece in it.
+  auto x_copy = [&](int i) {
     return reinterpret_cast<uint4*>(XS == kXShared ? Smem::shared_x(smem, wk, i)
-                                                   : Smem::stage(smem, warp, i) + Tile::kXOffset) +
-           (XS == kXRow ? tig : lane);
+                                                   : Smem::stage(smem, warp, i) + Tile::kXOffset);
   };
+  auto x_stage = [&](int i) { return x_copy(i) + (XS == kXRow ? tig : lane); };
   auto issue = [&](int i) {
     if (i < my_chunks) {
       copy_chunk_async<BITS, GROUP, NT>(Smem::stage(smem, warp, i), qweight, scales, tile0,
                                         wk + i * WK, n_tiles, k_chunks, n_groups, lane);
       if constexpr (XS == kXWarp) copy_x_async<MT, 1>(x_stage(i), x_lane, row_valid, wk + i * WK, K, 0, lane);
       if constexpr (XS == kXShared) copy_x_async<MT, WN>(x_stage(i), x_lane, row_valid, wk + i * WK, K, wn, lane);
-      if constexpr (XS == kXRow) copy_x_row_async(x_stage(i) - tig, x_lane[0] - tig, wk + i * WK, K, lane);
+      if constexpr (XS == kXRow)  // M = 1: the row is x's first
+        copy_x_row_async(x_copy(i), reinterpret_cast<const uint4*>(x), wk + i * WK, K, lane);
     }
     copy_async_commit();  // empty groups too, so that wait_group counts chunks
   };

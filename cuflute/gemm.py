@@ -228,18 +228,17 @@ class _ParamBlock:
         pointers: [&slot0, &slot1, ...]      slots: [x, x_row_stride, qweight, ..., M, N, ...]
     """
 
-    __slots__ = ("slots", "pointers", "address", "config", "config_address", "attribute",
-                 "bound_devices")
+    __slots__ = ("slots", "pointers", "address", "config", "config_address", "bound_devices")
 
     def __init__(self):
         self.slots = (ctypes.c_uint64 * _MAX_PARAMS)()
         base = ctypes.addressof(self.slots)
         self.pointers = (ctypes.c_void_p * _MAX_PARAMS)(*(base + 8 * i for i in range(_MAX_PARAMS)))
         self.address = ctypes.addressof(self.pointers)
-        self.attribute = _LaunchAttribute(_PROGRAMMATIC_STREAM_SERIALIZATION)
-        self.attribute.value[0] = 1
+        attribute = _LaunchAttribute(_PROGRAMMATIC_STREAM_SERIALIZATION)
+        attribute.value[0] = 1
         self.config = _LaunchConfig()
-        self.config.attrs = ctypes.pointer(self.attribute)
+        self.config.attrs = ctypes.pointer(attribute)  # which the config keeps alive
         self.config.block[1] = self.config.block[2] = 1
         self.config_address = ctypes.addressof(self.config)
         self.bound_devices: set[int] = set()  # devices whose context this thread made current
