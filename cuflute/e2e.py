@@ -22,6 +22,7 @@ batch's size: the share of the step that the weights' format decides.
 from __future__ import annotations
 
 import argparse
+import gc
 import platform
 import statistics
 import time
@@ -177,7 +178,10 @@ def time_decoding(model, batch: int, steps: int, seed: int, compile_step: bool =
 def host_time_us(layer, x) -> dict[str, float]:
     """Host microseconds of one eager call, each path (and torch's own x + x for scale): the
     median over rounds of back-to-back calls issued while a sleep kernel keeps the GPU busy, so
-    that only the host is timed."""
+    that only the host is timed. The garbage collector is paused while a round runs (it collects
+    before each), as timeit does: a collection's cost grows with every Python object the process
+    holds, which is not the op's (docs/PERF_NOTES.md: the e2e model alive cost the op 4 to 6 us
+    a call, the collector about 2 of them)."""
     import torch
 
     from .gemm import qgemm
@@ -194,14 +198,21 @@ def host_time_us(layer, x) -> dict[str, float]:
     }
     # Round-robin over the paths, so that the host's drift (clocks, other tenants) reaches all.
     rounds = {name: [] for name in paths}
-    for _ in range(HOST_TIMING_ROUNDS):
-        for name, call in paths.items():
-            torch.cuda.synchronize()
-            torch.cuda._sleep(BUSY_GPU_CYCLES)
-            t0 = time.perf_counter()
-            for _ in range(HOST_TIMING_CALLS):
-                call()
-            rounds[name].append((time.perf_counter() - t0) / HOST_TIMING_CALLS * 1e6)
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(HOST_TIMING_ROUNDS):
+            for name, call in paths.items():
+                torch.cuda.synchronize()
+                gc.collect()
+                torch.cuda._sleep(BUSY_GPU_CYCLES)
+                t0 = time.perf_counter()
+                for _ in range(HOST_TIMING_CALLS):
+                    call()
+                rounds[name].append((time.perf_counter() - t0) / HOST_TIMING_CALLS * 1e6)
+    finally:
+        if collecting:
+            gc.enable()
     torch.cuda.synchronize()
     return {name: statistics.median(r) for name, r in rounds.items()}
 
@@ -273,6 +284,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"{variant:>6} batch {batch:>3}: {ms:7.3f} ms/step, "
                   f"{results[-1].tokens_per_s:9.1f} tokens/s, decoder linears "
                   f"{results[-1].linears_ms:6.3f} ms", flush=True)
+    # The decoding model is freed first: the host time is the op's, not that of a process
+    # holding 8B parameters and compiled graphs.
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
     small = QuantizedLinear.from_packed(random_packed(512, 512, 4, GROUP_SIZE, "float16", device=0))
     host = host_time_us(small, torch.randn(1, 512, dtype=torch.float16, device="cuda"))
 
