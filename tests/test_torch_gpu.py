@@ -287,3 +287,27 @@ def test_fused_gate_up_on_the_gpu_matches_the_reference(m):
     assert err < REL_ERROR_BOUND["float16"], f"fused rel error {err:.2e}"
     for half, layer in zip(y.split([96, 200], dim=-1), (gate, up)):
         assert _rel_error(half, layer(x).double().cpu().numpy()) < REL_ERROR_BOUND["float16"]
+
+
+@pytest.mark.parametrize("collecting", [True, False])
+def test_host_timing_leaves_the_garbage_collector_as_it_found_it(collecting, monkeypatch):
+    """e2e.host_time_us pauses the collector while it times (as timeit does); afterwards the
+    collector is on or off as before, and every path has a positive time."""
+    import gc
+
+    from cuflute import e2e
+
+    monkeypatch.setattr(e2e, "HOST_TIMING_ROUNDS", 2)
+    monkeypatch.setattr(e2e, "HOST_TIMING_CALLS", 3)
+    monkeypatch.setattr(e2e, "BUSY_GPU_CYCLES", 1000)
+    layer = QuantizedLinear.from_linear(_linear(256, 64, torch.float16, seed=5), 4, 128)
+    was = gc.isenabled()
+    (gc.enable if collecting else gc.disable)()
+    try:
+        times = e2e.host_time_us(layer, _random_x((1, 256), torch.float16, seed=800))
+        assert gc.isenabled() == collecting
+    finally:
+        (gc.enable if was else gc.disable)()
+    assert set(times) == {"cuflute.qgemm(x, packed)", "torch.ops.cuflute.qgemm",
+                          "QuantizedLinear(x)", "x + x (torch)"}
+    assert all(t > 0 for t in times.values()), times
