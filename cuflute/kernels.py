@@ -36,6 +36,10 @@ X_WARP = 1  # each warp's pipeline stage, copied by the warp along with its code
 X_SHARED = 2  # one copy a stage for the WN warps of a K slice, filled by them together
 X_ROW = 3  # M = 1 only: each warp's pipeline stage, the one row's 256 values of a chunk
 _X_SUFFIX = {X_GLOBAL: "", X_WARP: "_xs", X_SHARED: "_xsh", X_ROW: "_xr"}
+_X_FROM_SUFFIX = {suffix: key for key, suffix in _X_SUFFIX.items()}
+# A config's name, as TileConfig.__str__ writes it (matched whole).
+_CONFIG_NAME = re.compile(r"nt(\d+)_mt(\d+)(?:_wn(\d+))?_wk(\d+)_s(\d+)(" +
+                          "|".join(filter(None, _X_SUFFIX.values())) + r")?(?:_c(\d+))?")
 
 
 @dataclass(frozen=True, order=True)
@@ -129,13 +133,12 @@ def tile_config_from_name(text: str) -> TileConfig:
     TileConfig(2, 4, 1, 2, wn=4, xs=X_SHARED, lut_copies=16) (no _wn: one warp along n; _xs:
     X_WARP, _xsh: X_SHARED, _xr: X_ROW, none: X_GLOBAL; no _c: LUT_COPIES), whether or not it
     is one of TILE_CONFIGS."""
-    match = re.fullmatch(r"nt(\d+)_mt(\d+)(?:_wn(\d+))?_wk(\d+)_s(\d+)(_xsh|_xs|_xr)?(?:_c(\d+))?", text.strip())
+    match = _CONFIG_NAME.fullmatch(text.strip())
     if not match:
         raise ValueError(f"tile config must look like nt2_mt1_wk8_s3 or nt2_mt4_wn4_wk1_s2_xsh_c16, "
                          f"got {text!r}")
     nt, mt, wn, wk, stages, xs, copies = match.groups()
-    x_source = {suffix: key for key, suffix in _X_SUFFIX.items()}[xs or ""]
-    return TileConfig(int(nt), int(mt), int(wk), int(stages), int(wn or 1), x_source,
+    return TileConfig(int(nt), int(mt), int(wk), int(stages), int(wn or 1), _X_FROM_SUFFIX[xs or ""],
                       int(copies or LUT_COPIES))
 
 
