@@ -219,16 +219,27 @@ __device__ __forceinline__ void check_dynamic_shared(u32 needed) {
   if (dynamic_bytes < needed) __trap();  // launched with less than KernelSpec.shared_bytes
 }
 
-// The pair LUT, COPIES interleaved copies, written four copies (16 bytes) a store.
-template <int BITS, int COPIES>
+// The pair LUT, COPIES interleaved copies, written four copies (16 bytes) a store by the CTA's
+// THREADS threads. Each thread issues all its loads before its first store, so that it waits
+// out one L2 latency, not one a store (the LUT is built while the first chunks are in flight,
+// and every CTA builds it).
+template <int BITS, int COPIES, int THREADS>
 __device__ __forceinline__ void fill_lut(unsigned char* smem, const u32* __restrict__ pair_lut,
-                                         int thread, int threads) {
-  constexpr int kCopies = CodeLayout<BITS, COPIES>::kLutCopies;
-  constexpr int kVectors = CodeLayout<BITS, COPIES>::kLutBytes / 16;
+                                         u32 thread) {
+  constexpr u32 kCopies = CodeLayout<BITS, COPIES>::kLutCopies;
+  constexpr u32 kVectors = CodeLayout<BITS, COPIES>::kLutBytes / 16;
+  constexpr u32 kPerThread = (kVectors + THREADS - 1) / THREADS;
   uint4* dst = reinterpret_cast<uint4*>(smem);
-  for (int i = thread; i < kVectors; i += threads) {
-    const u32 v = __ldg(pair_lut + i / (kCopies / 4));
-    dst[i] = make_uint4(v, v, v, v);
+  u32 v[kPerThread];
+#pragma unroll
+  for (u32 j = 0; j < kPerThread; ++j) {
+    const u32 i = thread + j * THREADS;
+    if (kVectors % THREADS == 0 || i < kVectors) v[j] = __ldg(pair_lut + i / (kCopies / 4));
+  }
+#pragma unroll
+  for (u32 j = 0; j < kPerThread; ++j) {
+    const u32 i = thread + j * THREADS;
+    if (kVectors % THREADS == 0 || i < kVectors) dst[i] = make_uint4(v[j], v[j], v[j], v[j]);
   }
 }
 
@@ -542,7 +553,7 @@ lut_gemm(const T* __restrict__ x, long long x_row_stride,
   for (int i = 0; i < STAGES - 1; ++i) issue(i);
   typename Tile::XBatch xv;
   if (!kStagedX && my_chunks > 0) load_x<BITS, GROUP, NT, MT>(xv, x_lane, wk, 0, K, tig);
-  fill_lut<BITS, COPIES>(smem, pair_lut, threadIdx.x, 32 * kWarps);
+  fill_lut<BITS, COPIES, 32 * kWarps>(smem, pair_lut, threadIdx.x);
   __syncthreads();
 
   for (int i = 0; i < my_chunks; ++i) {
