@@ -17,6 +17,10 @@
 // between them.
 // (A persistent Stream-K variant measured slower at every shape: docs/PERF_NOTES.md.) On sm_90
 // cuflute.gemm launches it as a programmatic dependent launch: launch_dependent_grids below.
+// lut_gemm_split (sm_90) is the same CTA in a thread-block cluster of KS CTAs along K: CTA z of
+// the cluster takes the z-th of KS contiguous ranges of chunks, and the cluster adds its CTAs'
+// sums through their shared memory (DSMEM), each CTA storing 1/KS of the outputs. That buys the
+// CTAs that sharing x across many rows (large WN) would otherwise leave too few of.
 //
 // Template parameters
 //   BITS    code width in bits: 2, 3 or 4
@@ -40,6 +44,7 @@
 //                     of the one row, 512 bytes in k order, instead of kXWarp's 8 rows of
 //                     fragments (4 KiB, 7/8 of it zeros at M = 1): more CTAs an SM
 //   COPIES  copies of the pair LUT in shared memory: 32 or 16 (CodeLayout)
+//   KS      CTAs of a cluster splitting K (lut_gemm_split; 1: lut_gemm, no cluster)
 //
 // Dynamic shared memory (cuflute.kernels.KernelSpec.shared_bytes computes the same):
 //   [pair LUT x COPIES][STAGES][WN * WK warps][NT * BITS code vectors][32 lanes] uint4
@@ -47,7 +52,7 @@
 //                                 kXWarp:  [MT][8 step pairs][32 lanes]       uint4 (x)
 //                                 kXRow:   [256 k of row m0]                  T     (x)
 //   kXShared: [STAGES][WK K slices][MT][8 step pairs][32 lanes]               uint4 (x)
-//   and, once the K loop is over, the warps' partial sums from the start.
+//   and, once the K loop is over, the warps' partial sums from the start (WK > 1 or KS > 1).
 //
 // Packed layout (produced by cuflute.packing.pack, inverted by cuflute.reference.unpack_codes)
 //
@@ -152,14 +157,15 @@ template <int BITS, int GROUP, int NT, int MT, int XS = kXGlobal> struct WarpTil
   using Acc = float[NT][MT][4];
 };
 
-template <int BITS, int GROUP, int NT, int MT, int WARPS, int WK, int STAGES, int XS, int COPIES>
+template <int BITS, int GROUP, int NT, int MT, int WARPS, int WK, int STAGES, int XS, int COPIES,
+          int KS>
 struct SharedLayout {
   using Tile = WarpTile<BITS, GROUP, NT, MT, XS>;
   static constexpr int kLutBytes = CodeLayout<BITS, COPIES>::kLutBytes;
   static constexpr int kWarpStagesBytes = STAGES * WARPS * Tile::kStageBytes;
   static constexpr int kSharedXBytes = XS == kXShared ? STAGES * WK * Tile::kXBytes : 0;
   static constexpr int kPipelineBytes = kLutBytes + kWarpStagesBytes + kSharedXBytes;
-  static constexpr int kPartialBytes = WK > 1 ? WARPS * NT * MT * 4 * 32 * 4 : 0;  // the warps' sums
+  static constexpr int kPartialBytes = WK > 1 || KS > 1 ? WARPS * NT * MT * 4 * 32 * 4 : 0;  // the warps' sums
   // Stage s of warp w, lane 0's bytes: codes, then scales, then (kXWarp) x.
   static __device__ __forceinline__ unsigned char* stage(unsigned char* smem, int warp, int i) {
     return smem + kLutBytes + ((i % STAGES) * WARPS + warp) * Tile::kStageBytes;
@@ -207,6 +213,26 @@ __device__ __forceinline__ void wait_for_prior_grid() {
 #if __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
+}
+
+// Thread-block clusters (sm_90; lut_gemm_split only). The barrier orders every CTA's shared
+// memory writes before it against every CTA's reads after it.
+__device__ __forceinline__ void cluster_sync() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.release.aligned;\n"
+               "barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#endif
+}
+
+// The float at shared address `address` (of this CTA's window) in cluster CTA `rank`'s memory.
+__device__ __forceinline__ float load_cluster_shared(u32 address, u32 rank) {
+  float v = 0.f;
+#if __CUDA_ARCH__ >= 900
+  u32 remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(address), "r"(rank));
+  asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(remote) : "memory");
+#endif
+  return v;
 }
 
 template <int N> __device__ __forceinline__ void copy_async_wait() {
@@ -476,26 +502,42 @@ __device__ __forceinline__ void for_each_output(const float (&acc)[NT][MT][4], i
       }
 }
 
-template <int BITS, int GROUP, typename T, int NT, int MT, int WN, int WK, int STAGES, int XS,
-          int COPIES>
 // One tile of each kind: 128 registers (16 warps an SM), which it fits without spilling.
 // More tiles: all the registers they need, down to one CTA an SM.
-__global__ void __launch_bounds__(32 * WN * WK, NT * MT == 1 ? 16 / (WN * WK) : 1)
-lut_gemm(const T* __restrict__ x, long long x_row_stride,
-         const uint4* __restrict__ qweight, const u32* __restrict__ scales,
-         const u32* __restrict__ pair_lut, T* __restrict__ y,
-         int M, int N, int K, int k_chunks, int n_groups) {
+__host__ __device__ constexpr int min_ctas_per_sm(int nt, int mt, int warps) {
+  return nt * mt == 1 ? 16 / warps : 1;
+}
+
+// lut_gemm_split's cluster shape, on the targets that have clusters (the others never launch it:
+// it traps there).
+#if __CUDA_ARCH__ >= 900
+#define CUFLUTE_CLUSTER_ALONG_Z(n) __cluster_dims__(1, 1, n)
+#else
+#define CUFLUTE_CLUSTER_ALONG_Z(n)
+#endif
+
+template <int BITS, int GROUP, typename T, int NT, int MT, int WN, int WK, int STAGES, int XS,
+          int COPIES, int KS>
+__device__ __forceinline__ void lut_gemm_cta(const T* __restrict__ x, long long x_row_stride,
+                                             const uint4* __restrict__ qweight,
+                                             const u32* __restrict__ scales,
+                                             const u32* __restrict__ pair_lut, T* __restrict__ y,
+                                             int M, int N, int K, int k_chunks, int n_groups) {
   using Tile = WarpTile<BITS, GROUP, NT, MT, XS>;
   constexpr int kWarps = WN * WK;
-  using Smem = SharedLayout<BITS, GROUP, NT, MT, kWarps, WK, STAGES, XS, COPIES>;
+  using Smem = SharedLayout<BITS, GROUP, NT, MT, kWarps, WK, STAGES, XS, COPIES, KS>;
   static_assert(XS != kXShared || WN > 1, "kXShared is for WN > 1 warps along n (else kXWarp)");
   static_assert(XS != kXShared || WK < 16, "one named barrier per K slice: ids 1 to 15");
+  static_assert(KS >= 1 && KS <= 8, "KS must be 1 to 8 (a portable cluster)");
   constexpr bool kStagedX = XS != kXGlobal;
   constexpr int kAccPerWarp = NT * MT * 4 * 32;            // (nt, mt, c register, lane)
   extern __shared__ __align__(16) unsigned char smem[];
   check_dynamic_shared(Smem::kPipelineBytes > Smem::kPartialBytes ? Smem::kPipelineBytes
                                                                   : Smem::kPartialBytes);
   if (XS == kXRow && M > 1) __trap();  // launched past its one row (cuflute.gemm checks first)
+#if __CUDA_ARCH__ < 900
+  if (KS > 1) __trap();  // no clusters before sm_90 (cuflute.gemm refuses first)
+#endif
 
   // warp = WN * wk + wn: the warps of one K slice side by side along n.
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -507,6 +549,10 @@ lut_gemm(const T* __restrict__ x, long long x_row_stride,
   // second and later ones find the weight in L2.
   const int m0 = blockIdx.x * 8 * MT;
   const int tile0 = (blockIdx.y * WN + wn) * NT;
+  // KS > 1: this CTA's chunks are [chunk0, chunk0 + cta_chunks); blockIdx.z is its cluster rank.
+  const int split_chunks = (k_chunks + KS - 1) / KS;
+  const int chunk0 = KS > 1 ? blockIdx.z * split_chunks : 0;
+  const int cta_chunks = KS > 1 ? max(0, min(split_chunks, k_chunks - chunk0)) : k_chunks;
 
   const uint4* x_lane[MT];
   x_rows<T, MT>(x_lane, x, x_row_stride, m0, M, lane);
@@ -522,8 +568,10 @@ lut_gemm(const T* __restrict__ x, long long x_row_stride,
 #pragma unroll
       for (int r = 0; r < 4; ++r) acc[nt][mt][r] = 0.f;
 
-  // This warp's chunks are wk, wk + WK, ...; its i-th goes through stage i % STAGES.
-  const int my_chunks = wk < k_chunks ? (k_chunks - wk + WK - 1) / WK : 0;
+  // This warp's chunks are chunk0 + wk, chunk0 + wk + WK, ...; its i-th goes through stage
+  // i % STAGES.
+  const int my_chunks = wk < cta_chunks ? (cta_chunks - wk + WK - 1) / WK : 0;
+  auto chunk = [&](int i) { return chunk0 + wk + i * WK; };
 
   // The next grid may start as this one's CTAs are all resident; this one starts reading once
   // the one before it is done (programmatic dependent launch: its start-up overlaps that one's
@@ -539,11 +587,11 @@ lut_gemm(const T* __restrict__ x, long long x_row_stride,
   auto issue = [&](int i) {
     if (i < my_chunks) {
       copy_chunk_async<BITS, GROUP, NT>(Smem::stage(smem, warp, i), qweight, scales, tile0,
-                                        wk + i * WK, n_tiles, k_chunks, n_groups, lane);
-      if constexpr (XS == kXWarp) copy_x_async<MT, 1>(x_stage(i), x_lane, row_valid, wk + i * WK, K, 0, lane);
-      if constexpr (XS == kXShared) copy_x_async<MT, WN>(x_stage(i), x_lane, row_valid, wk + i * WK, K, wn, lane);
+                                        chunk(i), n_tiles, k_chunks, n_groups, lane);
+      if constexpr (XS == kXWarp) copy_x_async<MT, 1>(x_stage(i), x_lane, row_valid, chunk(i), K, 0, lane);
+      if constexpr (XS == kXShared) copy_x_async<MT, WN>(x_stage(i), x_lane, row_valid, chunk(i), K, wn, lane);
       if constexpr (XS == kXRow)  // M = 1: the row is x's first
-        copy_x_row_async(x_copy(i), reinterpret_cast<const uint4*>(x), wk + i * WK, K, lane);
+        copy_x_row_async(x_copy(i), reinterpret_cast<const uint4*>(x), chunk(i), K, lane);
     }
     copy_async_commit();  // empty groups too, so that wait_group counts chunks
   };
@@ -552,7 +600,7 @@ lut_gemm(const T* __restrict__ x, long long x_row_stride,
 #pragma unroll
   for (int i = 0; i < STAGES - 1; ++i) issue(i);
   typename Tile::XBatch xv;
-  if (!kStagedX && my_chunks > 0) load_x<BITS, GROUP, NT, MT>(xv, x_lane, wk, 0, K, tig);
+  if (!kStagedX && my_chunks > 0) load_x<BITS, GROUP, NT, MT>(xv, x_lane, chunk(0), 0, K, tig);
   fill_lut<BITS, COPIES, 32 * kWarps>(smem, pair_lut, threadIdx.x);
   __syncthreads();
 
@@ -572,16 +620,15 @@ lut_gemm(const T* __restrict__ x, long long x_row_stride,
     typename Tile::Scales sw;
     read_stage<BITS, GROUP, NT, MT>(Smem::stage(smem, warp, i), lane, w, sw);
     if constexpr (kStagedX) load_x_staged<BITS, GROUP, NT, MT, XS>(xv, x_stage(i), 0);
-    const int c = wk + i * WK;
-    mma_chunk<BITS, GROUP, T, NT, MT, XS, COPIES>(acc, w, sw, xv, x_lane, x_stage(i), c,
-                                                  i + 1 < my_chunks ? c + WK : -1, K,
+    mma_chunk<BITS, GROUP, T, NT, MT, XS, COPIES>(acc, w, sw, xv, x_lane, x_stage(i), chunk(i),
+                                                  i + 1 < my_chunks ? chunk(i + 1) : -1, K,
                                                   reinterpret_cast<const char*>(smem), lane_bytes, tig);
   }
   copy_async_wait<0>();  // only empty groups are left, but none may land on reused memory
   scale_rows<GROUP, T, NT, MT>(acc, scales, tile0, n_tiles, n_groups, gid);
 
   auto store = [&](int n, int m, float v) { y[(long long)m * N + n] = DTypeTraits<T>::from_float(v); };
-  if constexpr (WK == 1) {
+  if constexpr (WK == 1 && KS == 1) {
     for_each_output<NT, MT>(acc, tile0, m0, N, M, lane, store);
   } else {
     float* partial_sh = reinterpret_cast<float*>(smem);
@@ -593,18 +640,51 @@ lut_gemm(const T* __restrict__ x, long long x_row_stride,
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int r = 0; r < 4; ++r) mine[((nt * MT + mt) * 4 + r) * 32 + lane] = acc[nt][mt][r];
-    __syncthreads();
-    // Warp column c's sums are those of warps c, c + WN, ..., c + (WK - 1) WN.
-    for (int i = threadIdx.x; i < WN * kAccPerWarp; i += 32 * kWarps) {
+    if constexpr (KS > 1) cluster_sync(); else __syncthreads();
+    // Warp column c's sums are those of warps c, c + WN, ..., c + (WK - 1) WN, in each of the
+    // cluster's KS CTAs; CTA z adds and stores every KS-th of them, from the z-th.
+    const int rank = KS > 1 ? blockIdx.z : 0;
+    for (int i = threadIdx.x + rank * 32 * kWarps; i < WN * kAccPerWarp; i += KS * 32 * kWarps) {
       const int column = i / kAccPerWarp, j = i % kAccPerWarp;
       float sum = 0.f;
 #pragma unroll
-      for (int wi = 0; wi < WK; ++wi) sum += partial_sh[(wi * WN + column) * kAccPerWarp + j];
+      for (int wi = 0; wi < WK; ++wi) {
+        const float* partial = partial_sh + (wi * WN + column) * kAccPerWarp + j;
+        if constexpr (KS == 1) {
+          sum += *partial;
+        } else {
+#pragma unroll
+          for (int z = 0; z < KS; ++z) sum += load_cluster_shared(shared_address(partial), z);
+        }
+      }
       const int r = (j >> 5) & 3, mt = (j >> 7) % MT, nt = (j >> 7) / MT;
       const int2 nm = output_coord((blockIdx.y * WN + column) * NT, m0, nt, mt, r, j & 31);
       if (nm.x < N && nm.y < M) store(nm.x, nm.y, sum);
     }
+    if constexpr (KS > 1) cluster_sync();  // no CTA leaves while the others read its sums
   }
+}
+
+template <int BITS, int GROUP, typename T, int NT, int MT, int WN, int WK, int STAGES, int XS,
+          int COPIES>
+__global__ void __launch_bounds__(32 * WN * WK, min_ctas_per_sm(NT, MT, WN * WK))
+lut_gemm(const T* __restrict__ x, long long x_row_stride,
+         const uint4* __restrict__ qweight, const u32* __restrict__ scales,
+         const u32* __restrict__ pair_lut, T* __restrict__ y,
+         int M, int N, int K, int k_chunks, int n_groups) {
+  lut_gemm_cta<BITS, GROUP, T, NT, MT, WN, WK, STAGES, XS, COPIES, 1>(
+      x, x_row_stride, qweight, scales, pair_lut, y, M, N, K, k_chunks, n_groups);
+}
+
+template <int BITS, int GROUP, typename T, int NT, int MT, int WN, int WK, int STAGES, int XS,
+          int COPIES, int KS>
+__global__ void CUFLUTE_CLUSTER_ALONG_Z(KS) __launch_bounds__(32 * WN * WK, min_ctas_per_sm(NT, MT, WN * WK))
+lut_gemm_split(const T* __restrict__ x, long long x_row_stride,
+               const uint4* __restrict__ qweight, const u32* __restrict__ scales,
+               const u32* __restrict__ pair_lut, T* __restrict__ y,
+               int M, int N, int K, int k_chunks, int n_groups) {
+  lut_gemm_cta<BITS, GROUP, T, NT, MT, WN, WK, STAGES, XS, COPIES, KS>(
+      x, x_row_stride, qweight, scales, pair_lut, y, M, N, K, k_chunks, n_groups);
 }
 
 }  // namespace cuflute

@@ -29,7 +29,7 @@ def _compile_check(args: argparse.Namespace) -> int:
 
     failures = 0
     for arch in args.arch or TARGET_ARCHS:
-        usages = nvrtc_compile(every_spec(), arch)
+        usages = nvrtc_compile(every_spec(arch), arch)
         spilled = [u for u in usages if u.spill_stores or u.spill_loads or u.stack_frame]
         failures += len(spilled)
         print(f"sm_{arch}: {len(usages)} specializations, registers "

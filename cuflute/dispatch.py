@@ -100,8 +100,9 @@ def select_config(m: int, n: int, k: int, bits: int, group: int, dtype: str,
     m bucket at or above m (the largest past the end, unless the heuristic says DENSE there);
     anything else takes the heuristic. A choice whose shared memory exceeds
     ``max_shared_bytes`` (smaller on sm_86/sm_89 than on sm_80/sm_90) gives way to the config
-    of least shared memory that takes m rows (the widest tile among equals), which fits every
-    target (DENSE needs only the LUT's).
+    of least shared memory that takes m rows (the widest tile among equals, never a cluster
+    config), which fits every target (DENSE needs only the LUT's). The heuristic never picks a
+    cluster config either: only a tuned table for a GPU that has clusters does.
     """
     rows = tuned_table(gpu_name).get(table_key(bits, group, dtype, n, k)) if gpu_name else None
     heuristic = heuristic_config(m, group)
@@ -114,5 +115,5 @@ def select_config(m: int, n: int, k: int, bits: int, group: int, dtype: str,
     if config == DENSE or max_shared_bytes is None or \
             KernelSpec(bits, group, dtype, config).shared_bytes <= max_shared_bytes:
         return config
-    return min((c for c in TILE_CONFIGS if instantiated(group, c) and c.takes(m)),
-               key=lambda c: (KernelSpec(bits, group, dtype, c).shared_bytes, -c.mt * c.nt))
+    fitting = (c for c in TILE_CONFIGS if instantiated(group, c) and c.takes(m) and not c.needs_clusters)
+    return min(fitting, key=lambda c: (KernelSpec(bits, group, dtype, c).shared_bytes, -c.mt * c.nt))

@@ -183,7 +183,11 @@ def _new_plan(packed: PackedWeight, m: int, config: TileConfig | str | None) -> 
                           spec.threads, spec.shared_bytes, weights, sizes, dense=True)
     if not tile.takes(m):
         raise ValueError(f"tile config {tile} takes at most {tile.max_m} rows of x, got M = {m}")
-    grid = (-(-m // tile.block_m), -(-packed.n_tiles // tile.block_n_tiles), 1)
+    if tile.needs_clusters and props["major"] < 9:
+        raise ValueError(f"tile config {tile} splits K over clusters of {tile.ks} CTAs, which need "
+                         f"compute capability 9.0; cuda:{device} has {props['major']}.{props['minor']}")
+    # z: the CTAs of a cluster, each a range of K chunks (lut_gemm_split)
+    grid = (-(-m // tile.block_m), -(-packed.n_tiles // tile.block_n_tiles), tile.ks)
     if grid[1] > _MAX_GRID_Y:
         raise ValueError(f"N = {packed.n} needs {grid[1]} CTA rows, more than CUDA's {_MAX_GRID_Y}")
     spec = KernelSpec(packed.bits, packed.kernel_group, packed.dtype, tile)

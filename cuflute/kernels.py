@@ -30,6 +30,9 @@ _CXX_TYPE = {"float16": "__half", "bfloat16": "__nv_bfloat16"}
 KERNEL_HEADERS = ("lut_gemm.cuh", "lut_dequant.cuh", "bcq_gemv.cuh")
 
 
+# The most CTAs of a cluster that split K (cuda_src/lut_gemm.cuh's KS): a portable cluster size.
+MAX_K_SPLITS = 8
+
 # Where a tile config's B fragments (x) come from: cuda_src/lut_gemm.cuh's XS.
 X_GLOBAL = 0  # global memory, a batch ahead
 X_WARP = 1  # each warp's pipeline stage, copied by the warp along with its codes
@@ -38,7 +41,7 @@ X_ROW = 3  # M = 1 only: each warp's pipeline stage, the one row's 256 values of
 _X_SUFFIX = {X_GLOBAL: "", X_WARP: "_xs", X_SHARED: "_xsh", X_ROW: "_xr"}
 _X_FROM_SUFFIX = {suffix: key for key, suffix in _X_SUFFIX.items()}
 # A config's name, as TileConfig.__str__ writes it (matched whole).
-_CONFIG_NAME = re.compile(r"nt(\d+)_mt(\d+)(?:_wn(\d+))?_wk(\d+)_s(\d+)(" +
+_CONFIG_NAME = re.compile(r"nt(\d+)_mt(\d+)(?:_wn(\d+))?_wk(\d+)(?:_ks(\d+))?_s(\d+)(" +
                           "|".join(filter(None, _X_SUFFIX.values())) + r")?(?:_c(\d+))?")
 
 
@@ -47,7 +50,8 @@ class TileConfig:
     """A CTA shape: NT 16-row n tiles per warp, MT 8-column m tiles, WN warps side by side
     along n times WK warps splitting K, each warp's cp.async pipeline STAGES chunks deep; XS
     where x comes from (X_GLOBAL, X_WARP, X_SHARED, X_ROW: M = 1 only); LUT_COPIES copies of
-    the pair LUT in shared memory (16: half the bytes, some bank conflicts)."""
+    the pair LUT in shared memory (16: half the bytes, some bank conflicts); KS CTAs of a
+    thread-block cluster splitting K between them (sm_90 and later; 1: no cluster)."""
 
     nt: int
     mt: int
@@ -56,10 +60,13 @@ class TileConfig:
     wn: int = 1
     xs: int = X_GLOBAL
     lut_copies: int = LUT_COPIES
+    ks: int = 1
 
     def __post_init__(self):
         if self.mt not in (1, 2, 4):
             raise ValueError(f"mt must be 1, 2 or 4, got {self.mt}")
+        if not 1 <= self.ks <= MAX_K_SPLITS:
+            raise ValueError(f"ks (CTAs of a cluster splitting K) must be 1 to {MAX_K_SPLITS}, got {self.ks}")
         if self.xs not in _X_SUFFIX:
             raise ValueError(f"xs must be one of {sorted(_X_SUFFIX)}, got {self.xs!r}")
         if self.xs == X_SHARED and self.wn < 2:
@@ -85,6 +92,11 @@ class TileConfig:
         return self.nt * self.wn
 
     @property
+    def needs_clusters(self) -> bool:
+        """Whether the config runs as thread-block clusters (compute capability 9.0 and later)."""
+        return self.ks > 1
+
+    @property
     def warps(self) -> int:
         return self.wn * self.wk
 
@@ -94,8 +106,9 @@ class TileConfig:
 
     def __str__(self) -> str:
         wn = f"_wn{self.wn}" if self.wn > 1 else ""
+        ks = f"_ks{self.ks}" if self.ks > 1 else ""
         copies = f"_c{self.lut_copies}" if self.lut_copies != LUT_COPIES else ""
-        return f"nt{self.nt}_mt{self.mt}{wn}_wk{self.wk}_s{self.stages}{_X_SUFFIX[self.xs]}{copies}"
+        return f"nt{self.nt}_mt{self.mt}{wn}_wk{self.wk}{ks}_s{self.stages}{_X_SUFFIX[self.xs]}{copies}"
 
 
 # For compilation time, only the shapes that the dispatcher and the tuner use are instantiated.
@@ -119,6 +132,11 @@ TILE_CONFIGS = (
     TileConfig(nt=2, mt=4, wn=2, wk=1, xs=X_SHARED),
     TileConfig(nt=2, mt=4, wn=2, wk=1, xs=X_SHARED, lut_copies=16),
     TileConfig(nt=2, mt=4, wn=4, wk=1, xs=X_SHARED, lut_copies=16),
+    # sm_90: K split over a cluster of 2 CTAs, for shapes whose strips of x-sharing warps are
+    # too few to fill the SMs (docs/PERF_NOTES.md, v19)
+    TileConfig(nt=2, mt=2, wn=2, wk=2, xs=X_SHARED, ks=2),
+    TileConfig(nt=2, mt=4, wn=2, wk=1, xs=X_SHARED, lut_copies=16, ks=2),
+    TileConfig(nt=2, mt=4, wn=4, wk=1, xs=X_SHARED, lut_copies=16, ks=2),
 )
 
 
@@ -129,17 +147,17 @@ def instantiated(group: int, tile: TileConfig) -> bool:
 
 
 def tile_config_from_name(text: str) -> TileConfig:
-    """'nt2_mt1_wk8_s3' -> TileConfig(2, 1, 8, 3), 'nt2_mt4_wn4_wk1_s2_xsh_c16' ->
-    TileConfig(2, 4, 1, 2, wn=4, xs=X_SHARED, lut_copies=16) (no _wn: one warp along n; _xs:
-    X_WARP, _xsh: X_SHARED, _xr: X_ROW, none: X_GLOBAL; no _c: LUT_COPIES), whether or not it
-    is one of TILE_CONFIGS."""
+    """'nt2_mt1_wk8_s3' -> TileConfig(2, 1, 8, 3), 'nt2_mt4_wn4_wk1_ks2_s2_xsh_c16' ->
+    TileConfig(2, 4, 1, 2, wn=4, xs=X_SHARED, lut_copies=16, ks=2) (no _wn: one warp along n;
+    no _ks: no cluster; _xs: X_WARP, _xsh: X_SHARED, _xr: X_ROW, none: X_GLOBAL; no _c:
+    LUT_COPIES), whether or not it is one of TILE_CONFIGS."""
     match = _CONFIG_NAME.fullmatch(text.strip())
     if not match:
-        raise ValueError(f"tile config must look like nt2_mt1_wk8_s3 or nt2_mt4_wn4_wk1_s2_xsh_c16, "
+        raise ValueError(f"tile config must look like nt2_mt1_wk8_s3 or nt2_mt4_wn4_wk1_ks2_s2_xsh_c16, "
                          f"got {text!r}")
-    nt, mt, wn, wk, stages, xs, copies = match.groups()
+    nt, mt, wn, wk, ks, stages, xs, copies = match.groups()
     return TileConfig(int(nt), int(mt), int(wk), int(stages), int(wn or 1), _X_FROM_SUFFIX[xs or ""],
-                      int(copies or LUT_COPIES))
+                      int(copies or LUT_COPIES), int(ks or 1))
 
 
 def parse_tile_config(text: str) -> TileConfig:
@@ -191,7 +209,7 @@ class KernelSpec:
         warp_stage += x_bytes if t.xs == X_WARP else 2 * CHUNK_K if t.xs == X_ROW else 0
         shared_x = t.stages * t.wk * x_bytes if t.xs == X_SHARED else 0
         pipeline = lut + t.stages * t.warps * warp_stage + shared_x
-        partial = t.warps * t.nt * t.mt * 4 * 32 * 4 if t.wk > 1 else 0
+        partial = t.warps * t.nt * t.mt * 4 * 32 * 4 if t.wk > 1 or t.ks > 1 else 0
         return max(pipeline, partial)
 
     @property
@@ -201,8 +219,9 @@ class KernelSpec:
     @property
     def name_expression(self) -> str:
         t = self.tile
-        return (f"cuflute::lut_gemm<{self.bits}, {self.group}, {_CXX_TYPE[self.dtype]}, "
-                f"{t.nt}, {t.mt}, {t.wn}, {t.wk}, {t.stages}, {int(t.xs)}, {t.lut_copies}>")
+        args = (f"{self.bits}, {self.group}, {_CXX_TYPE[self.dtype]}, {t.nt}, {t.mt}, {t.wn}, {t.wk}, "
+                f"{t.stages}, {int(t.xs)}, {t.lut_copies}")
+        return f"cuflute::lut_gemm_split<{args}, {t.ks}>" if t.ks > 1 else f"cuflute::lut_gemm<{args}>"
 
 
 @dataclass(frozen=True)
@@ -242,12 +261,27 @@ def dequant_specs() -> list[DequantSpec]:
     return [DequantSpec(b, g, d) for b, g, d in itertools.product(SUPPORTED_BITS, KERNEL_GROUPS, DTYPES)]
 
 
-def every_spec() -> list:
+# Thread-block clusters, hence tile configs with ks > 1, exist from sm_90 on.
+CLUSTER_MIN_ARCH = 90
+
+
+def device_arch(props: dict) -> int:
+    """The sm_ number of a device from its CUDA properties: 90 for compute capability 9.0."""
+    return 10 * props["major"] + props["minor"]
+
+
+def builds_for(spec, arch: int) -> bool:
+    """Whether ``spec`` is a kernel of sm_``arch``: not a cluster tile config before sm_90."""
+    return not (isinstance(spec, KernelSpec) and spec.tile.needs_clusters and arch < CLUSTER_MIN_ARCH)
+
+
+def every_spec(arch: int | None = None) -> list:
     """Every specialization of both kernel families: the LUT GEMM's, its dequantization's,
-    then BCQ's."""
+    then BCQ's; with ``arch``, those of sm_``arch`` (builds_for)."""
     from .bcq.kernels import all_specs as bcq_specs
 
-    return all_specs() + dequant_specs() + bcq_specs()
+    specs = all_specs() + dequant_specs() + bcq_specs()
+    return specs if arch is None else [s for s in specs if builds_for(s, arch)]
 
 
 @lru_cache(maxsize=None)
@@ -289,14 +323,15 @@ def get_kernel(spec: KernelSpec, device: int):
 
 def precompile(device: int = 0, specs=None, workers: int = 8) -> tuple[int, int]:
     """Compile (and cache on disk) every specialization that ``device`` can launch; returns
-    (compiled, left out because they need more shared memory than the device has)."""
+    (compiled, left out because they need more shared memory than the device has). Cluster
+    configs are not counted on a device without clusters."""
     from concurrent.futures import ThreadPoolExecutor
 
     import cupy
 
-    limit = cupy.cuda.runtime.getDeviceProperties(device)["sharedMemPerBlockOptin"]
-    specs = every_spec() if specs is None else list(specs)
-    fitting = [spec for spec in specs if spec.shared_bytes <= limit]
+    props = cupy.cuda.runtime.getDeviceProperties(device)
+    specs = [s for s in (every_spec() if specs is None else specs) if builds_for(s, device_arch(props))]
+    fitting = [spec for spec in specs if spec.shared_bytes <= props["sharedMemPerBlockOptin"]]
     with ThreadPoolExecutor(max_workers=workers) as pool:
         list(pool.map(lambda spec: get_kernel(spec, device), fitting))
     return len(fitting), len(specs) - len(fitting)

@@ -28,7 +28,7 @@ from .dispatch import DENSE, gpu_slug, heuristic_config, parse_config, tuning_di
 from .dtypes import DTYPES
 from .formats import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 from .gemm import device_properties, qgemm
-from .kernels import TILE_CONFIGS, KernelSpec, TileConfig, instantiated
+from .kernels import TILE_CONFIGS, KernelSpec, TileConfig, builds_for, device_arch, instantiated
 from .packing import TILE_N, packed_nbytes, random_packed
 
 CHECK_TILES = 4  # row tiles of each weight compared with the NumPy reference
@@ -88,8 +88,7 @@ def _rel_error(y: np.ndarray, ref: np.ndarray) -> float:
     return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
 
 
-def tune_problem(n, k, bits, group_size, dtype, sweep: Sweep, rotate_bytes, replays, bar,
-                 max_shared_bytes: int) -> list[dict]:
+def tune_problem(n, k, bits, group_size, dtype, sweep: Sweep, rotate_bytes, replays, bar) -> list[dict]:
     """The winning config of each M bucket for one weight shape; failures are errors."""
     import torch
 
@@ -102,8 +101,17 @@ def tune_problem(n, k, bits, group_size, dtype, sweep: Sweep, rotate_bytes, repl
     rows = (tiles[:, None] * TILE_N + np.arange(TILE_N)).ravel()
     sample = weights[0].take_tiles(tiles)
     group_arg = 0 if group is None else group
-    fitting = [c for c in sweep.candidates if c == DENSE or (
-        instantiated(group_arg, c) and KernelSpec(bits, group_arg, dtype, c).shared_bytes <= max_shared_bytes)]
+    props = device_properties(device)
+
+    def runs_here(config) -> bool:
+        if config == DENSE:
+            return True
+        if not instantiated(group_arg, config):
+            return False
+        spec = KernelSpec(bits, group_arg, dtype, config)
+        return builds_for(spec, device_arch(props)) and spec.shared_bytes <= props["sharedMemPerBlockOptin"]
+
+    fitting = [c for c in sweep.candidates if runs_here(c)]
     entries = []
     for m in sweep.m_buckets:
         x = torch.randn(m, k, dtype=getattr(torch, dtype), device="cuda")
@@ -139,8 +147,7 @@ def run_sweep(sweep: Sweep, rotate_bytes: int | None, replays: int) -> dict:
     bar = bench.progress_bar(len(problems) * len(sweep.m_buckets) * len(sweep.candidates))
     entries = []
     for problem in problems:
-        entries += tune_problem(*problem, sweep, rotate, replays, bar,
-                                device_properties(torch.cuda.current_device())["sharedMemPerBlockOptin"])
+        entries += tune_problem(*problem, sweep, rotate, replays, bar)
     bar.close()
     return {"gpu": props.name, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
             "sweep": sweep.name, "versions": bench.package_versions(),

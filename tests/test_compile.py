@@ -10,18 +10,23 @@ from cuflute.kernels import TARGET_ARCHS, every_spec, nvrtc_compile, parse_ptxas
 pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
 
 
+def _slices(specs: list, parts: int) -> list[list]:
+    size = -(-len(specs) // parts)
+    return [specs[i:i + size] for i in range(0, len(specs), size)]
+
+
 @pytest.fixture(scope="module")
 def compiled():
     """{arch: (specs, their ResourceUsage)}: minutes of NVRTC per arch, so the (arch, slice of
     the specs) programs compile in parallel processes, one per core."""
-    specs = every_spec()
     workers = os.cpu_count() or 1
     parts = max(1, workers // len(TARGET_ARCHS))
-    size = -(-len(specs) // parts)
-    slices = [specs[i:i + size] for i in range(0, len(specs), size)]
-    with ProcessPoolExecutor(min(workers, len(TARGET_ARCHS) * len(slices))) as pool:
-        jobs = {arch: [pool.submit(nvrtc_compile, part, arch) for part in slices] for arch in TARGET_ARCHS}
-        return {arch: (specs, [u for job in arch_jobs for u in job.result()])
+    specs = {arch: every_spec(arch) for arch in TARGET_ARCHS}  # the cluster configs on sm_90 only
+    slices = {arch: _slices(arch_specs, parts) for arch, arch_specs in specs.items()}
+    with ProcessPoolExecutor(min(workers, sum(map(len, slices.values())))) as pool:
+        jobs = {arch: [pool.submit(nvrtc_compile, part, arch) for part in arch_slices]
+                for arch, arch_slices in slices.items()}
+        return {arch: (specs[arch], [u for job in arch_jobs for u in job.result()])
                 for arch, arch_jobs in jobs.items()}
 
 

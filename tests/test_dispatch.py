@@ -2,8 +2,9 @@ import pytest
 
 from cuflute import dispatch
 from cuflute.dispatch import DENSE, DENSE_MIN_M, gpu_slug, heuristic_config, parse_config, select_config
-from cuflute.kernels import (TILE_CONFIGS, X_ROW, X_SHARED, X_WARP, KernelSpec, TileConfig, all_specs,
-                             instantiated, parse_tile_config, tile_config_from_name)
+from cuflute.kernels import (MAX_K_SPLITS, TILE_CONFIGS, X_ROW, X_SHARED, X_WARP, KernelSpec, TileConfig,
+                             all_specs, builds_for, every_spec, instantiated, parse_tile_config,
+                             tile_config_from_name)
 
 
 @pytest.mark.parametrize("m", [1, 2, 7, 8, 9, 16, 17, 64, 300, 100000])
@@ -65,6 +66,42 @@ def test_name_expression_and_count():
     assert side_by_side.threads == 128
     four_m_tiles = sum(c.mt == 4 for c in TILE_CONFIGS)
     assert len(all_specs()) == 3 * 2 * (5 * len(TILE_CONFIGS) - 2 * four_m_tiles)
+
+
+def test_cluster_configs_split_k_on_sm90_only():
+    split = TileConfig(2, 4, 1, wn=4, xs=X_SHARED, lut_copies=16, ks=2)
+    assert split in TILE_CONFIGS and split.needs_clusters and not TileConfig(2, 4, 1, wn=4).needs_clusters
+    assert str(split) == "nt2_mt4_wn4_wk1_ks2_s2_xsh_c16" and tile_config_from_name(str(split)) == split
+    assert tile_config_from_name("nt1_mt2_wn8_wk1_ks4_s3_xsh").ks == 4
+    spec = KernelSpec(4, 128, "float16", split)
+    assert spec.name_expression == "cuflute::lut_gemm_split<4, 128, __half, 2, 4, 4, 1, 2, 2, 16, 2>"
+    assert builds_for(spec, 90) and not any(builds_for(spec, arch) for arch in (80, 86, 89))
+    assert spec in every_spec(90) and spec not in every_spec(89) and spec in every_spec()
+    for ks in (0, MAX_K_SPLITS + 1):
+        with pytest.raises(ValueError, match="ks .CTAs of a cluster splitting K. must be 1 to 8"):
+            TileConfig(2, 4, 1, wn=4, xs=X_SHARED, ks=ks)
+    # the fallback for a small shared memory (sm_86/sm_89) never lands on a cluster config
+    for m in (16, 64, 200):
+        tile = select_config(m, 4096, 4096, 4, 128, "float16", max_shared_bytes=60000)
+        assert not tile.needs_clusters and tile.takes(m), (m, tile)
+
+
+def test_cluster_config_is_refused_before_sm90(monkeypatch):
+    """launch_plan says why, before it compiles anything."""
+    from types import SimpleNamespace
+
+    from cuflute import gemm
+
+    buffer = SimpleNamespace(data=SimpleNamespace(ptr=0))
+    packed = SimpleNamespace(device=0, qweight=buffer, scales=buffer, pair_lut=buffer, n=4096, k=4096,
+                             k_chunks=16, n_groups=32, n_tiles=256, bits=4, kernel_group=128,
+                             dtype="float16")
+    a100 = {"major": 8, "minor": 0, "sharedMemPerBlockOptin": 166912, "name": "A100"}
+    monkeypatch.setattr(gemm, "device_properties", lambda device: a100)
+    monkeypatch.setattr(gemm, "get_kernel", lambda spec, device: pytest.fail("compiled"))
+    with pytest.raises(ValueError, match="splits K over clusters of 2 CTAs, which need compute "
+                                         "capability 9.0; cuda:0 has 8.0"):
+        gemm._new_plan(packed, 64, "nt2_mt4_wn2_wk1_ks2_s2_xsh_c16")
 
 
 def test_parse_tile_config():

@@ -75,6 +75,8 @@ def test_every_tile_config_matches_reference(config, bits, group_size, n, k):
     """Each config forced (the dispatcher only picks some), with fewer chunks than warps
     (K = 256), a ragged last tile (N = 1000) and long rows (K = 8192); a config of one row of x
     refuses more."""
+    if config != DENSE and config.needs_clusters and gemm.device_properties(0)["major"] < 9:
+        pytest.skip("thread-block clusters need compute capability 9.0")
     packed, w64 = _weight(n, k, bits, group_size, "float16")
     for m in (1, 9, 17, 40):
         x64 = _random_x(m, k, "float16", seed=zlib.crc32(repr((m, n, str(config))).encode()))
@@ -193,22 +195,31 @@ def test_runs_on_the_callers_stream_and_in_a_cuda_graph():
         assert _rel_error(out.double().cpu().numpy(), x64 @ w64.T) < 1e-3
 
 
+# A config whose CTAs split K in thread-block clusters (sm_90), for the launch tests.
+CLUSTER_CONFIG = next((c for c in TILE_CONFIGS if c.needs_clusters and c.takes(16)), None)
+
+
 @pytest.mark.parametrize("m", [1, 16])
-def test_back_to_back_launches_wait_for_the_one_before(m):
+@pytest.mark.parametrize("cluster", [False, True], ids=["tuned", "cluster"])
+def test_back_to_back_launches_wait_for_the_one_before(m, cluster):
     """On sm_90 lut_gemm goes out as a programmatic dependent launch: it starts while the kernel
     before it runs and must neither read x nor write y before that one is done. Two calls back
     to back, the second reading what the first writes and writing what it read, eager and
-    replayed from a CUDA graph, on a weight of 512 CTAs at M = 1."""
-    packed, w64 = _weight(4096, 4096, 4, 128, "float16")
+    replayed from a CUDA graph, on a weight of 512 CTAs at M = 1; with the tuned config and
+    with a cluster config (whose CTAs also read each other's shared memory)."""
     major = gemm.device_properties(0)["major"]
-    assert gemm.launch_plan(packed, m, None).programmatic == (
+    if cluster and (major < 9 or CLUSTER_CONFIG is None):
+        pytest.skip("thread-block clusters need compute capability 9.0 and a cluster config")
+    config = CLUSTER_CONFIG if cluster else None
+    packed, w64 = _weight(4096, 4096, 4, 128, "float16")
+    assert gemm.launch_plan(packed, m, config).programmatic == (
         major >= 9 and gemm.PROGRAMMATIC_LAUNCH)
     a = torch.empty(m, 4096, dtype=torch.float16, device="cuda")
     b = torch.empty_like(a)
 
     def both():
-        cuflute.qgemm(a, packed, out=b)
-        cuflute.qgemm(b, packed, out=a)
+        cuflute.qgemm(a, packed, out=b, config=config)
+        cuflute.qgemm(b, packed, out=a, config=config)
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

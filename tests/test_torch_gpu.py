@@ -134,6 +134,41 @@ def test_native_launcher_takes_the_ops_cuda_calls_and_matches_qgemm():
                                     layer.pair_lut, 200, 768, bits, layer.group_size, dtype)
 
 
+def test_native_launcher_runs_a_cluster_config(tmp_path, monkeypatch):
+    """Where the tuned table names a config that splits K over thread-block clusters (sm_90), the
+    C++ launcher's launch (its grid's z the cluster) gives what cuflute.qgemm gives with that
+    config forced, bit for bit, and the reference's result."""
+    from cuflute import dispatch, gemm
+    from cuflute.kernels import TILE_CONFIGS
+    from cuflute.torch import native_launcher
+
+    if gemm.device_properties(0)["major"] < 9:
+        pytest.skip("thread-block clusters need compute capability 9.0")
+    native = native_launcher()
+    if native is None:
+        pytest.skip("the C++ launcher cannot be built here (see the warning)")
+    config = next(c for c in TILE_CONFIGS if c.needs_clusters and c.mt == 2)
+    name = gemm.device_name(0)
+    (tmp_path / f"{dispatch.gpu_slug(name)}.yaml").write_text(
+        f"gpu: {name}\nentries:\n"
+        f"- {{bits: 4, group: 128, dtype: float16, n: 208, k: 1024, m: 16, config: {config}, us: 1.0}}\n")
+    monkeypatch.setenv("CUFLUTE_TUNING_DIR", str(tmp_path))
+    dispatch.tuned_table.cache_clear()
+    try:
+        layer = QuantizedLinear.from_linear(_linear(1024, 208, torch.float16, seed=13), 4, 128)
+        x = _random_x((16, 1024), torch.float16, 8)
+        assert gemm.launch_plan(layer.packed(), 16, None).grid[2] == config.ks
+        plans = native.plan_count()
+        got = layer(x)
+        assert native.plan_count() > plans, "the call did not go through the C++ launcher"
+        want = torch.full((16, 208), float("nan"), dtype=torch.float16, device="cuda")
+        cuflute.qgemm(x, layer.packed(), out=want, config=config)
+        assert torch.equal(got, want.add_(layer.bias))
+        assert _rel_error(got, _reference(layer, x)) < REL_ERROR_BOUND["float16"]
+    finally:
+        dispatch.tuned_table.cache_clear()
+
+
 def _mlp(dtype="float16", seed=0):
     """Two quantized layers with an activation between, as in a transformer block."""
     model = nn.Sequential(_linear(1024, 512, _dtype(dtype), seed), nn.SiLU(),
