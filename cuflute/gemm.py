@@ -11,7 +11,8 @@ from functools import lru_cache
 
 from . import interop
 from .dispatch import DENSE, parse_config, select_config
-from .kernels import DequantSpec, KernelSpec, TileConfig, get_kernel
+from .kernels import (CLUSTER_MIN_ARCH, DequantSpec, KernelSpec, TileConfig, builds_for, device_arch,
+                      get_kernel)
 from .packing import TILE_N, PackedWeight
 
 _MAX_GRID_Y = 65535
@@ -183,14 +184,15 @@ def _new_plan(packed: PackedWeight, m: int, config: TileConfig | str | None) -> 
                           spec.threads, spec.shared_bytes, weights, sizes, dense=True)
     if not tile.takes(m):
         raise ValueError(f"tile config {tile} takes at most {tile.max_m} rows of x, got M = {m}")
-    if tile.needs_clusters and props["major"] < 9:
+    spec = KernelSpec(packed.bits, packed.kernel_group, packed.dtype, tile)
+    if not builds_for(spec, device_arch(props)):
         raise ValueError(f"tile config {tile} splits K over clusters of {tile.ks} CTAs, which need "
-                         f"compute capability 9.0; cuda:{device} has {props['major']}.{props['minor']}")
+                         f"compute capability {CLUSTER_MIN_ARCH // 10}.{CLUSTER_MIN_ARCH % 10}; "
+                         f"cuda:{device} has {props['major']}.{props['minor']}")
     # z: the CTAs of a cluster, each a range of K chunks (lut_gemm_split)
     grid = (-(-m // tile.block_m), -(-packed.n_tiles // tile.block_n_tiles), tile.ks)
     if grid[1] > _MAX_GRID_Y:
         raise ValueError(f"N = {packed.n} needs {grid[1]} CTA rows, more than CUDA's {_MAX_GRID_Y}")
-    spec = KernelSpec(packed.bits, packed.kernel_group, packed.dtype, tile)
     if spec.shared_bytes > props["sharedMemPerBlockOptin"]:
         raise ValueError(f"tile config {tile} needs {spec.shared_bytes} bytes of shared memory, "
                          f"cuda:{device} allows {props['sharedMemPerBlockOptin']}")

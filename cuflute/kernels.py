@@ -330,7 +330,8 @@ def precompile(device: int = 0, specs=None, workers: int = 8) -> tuple[int, int]
     import cupy
 
     props = cupy.cuda.runtime.getDeviceProperties(device)
-    specs = [s for s in (every_spec() if specs is None else specs) if builds_for(s, device_arch(props))]
+    arch = device_arch(props)
+    specs = [s for s in (every_spec() if specs is None else specs) if builds_for(s, arch)]
     fitting = [spec for spec in specs if spec.shared_bytes <= props["sharedMemPerBlockOptin"]]
     with ThreadPoolExecutor(max_workers=workers) as pool:
         list(pool.map(lambda spec: get_kernel(spec, device), fitting))

@@ -12,7 +12,7 @@ import pytest
 import cuflute
 from cuflute import dtypes, gemm, reference
 from cuflute.dispatch import DENSE
-from cuflute.kernels import TILE_CONFIGS, instantiated
+from cuflute.kernels import CLUSTER_MIN_ARCH, TILE_CONFIGS, device_arch, instantiated
 
 pytestmark = pytest.mark.gpu
 torch = pytest.importorskip("torch") if cuflute.gpu_available() else None
@@ -39,6 +39,10 @@ def _random_x(m, k, dtype, seed):
 
 def _to_torch(x64, dtype):
     return torch.tensor(x64, dtype=getattr(torch, dtype), device="cuda")
+
+
+def _has_clusters():
+    return device_arch(gemm.device_properties(0)) >= CLUSTER_MIN_ARCH
 
 
 def _rel_error(y, ref):
@@ -75,7 +79,7 @@ def test_every_tile_config_matches_reference(config, bits, group_size, n, k):
     """Each config forced (the dispatcher only picks some), with fewer chunks than warps
     (K = 256), a ragged last tile (N = 1000) and long rows (K = 8192); a config of one row of x
     refuses more."""
-    if config != DENSE and config.needs_clusters and gemm.device_properties(0)["major"] < 9:
+    if config != DENSE and config.needs_clusters and not _has_clusters():
         pytest.skip("thread-block clusters need compute capability 9.0")
     packed, w64 = _weight(n, k, bits, group_size, "float16")
     for m in (1, 9, 17, 40):
@@ -208,7 +212,7 @@ def test_back_to_back_launches_wait_for_the_one_before(m, cluster):
     replayed from a CUDA graph, on a weight of 512 CTAs at M = 1; with the tuned config and
     with a cluster config (whose CTAs also read each other's shared memory)."""
     major = gemm.device_properties(0)["major"]
-    if cluster and (major < 9 or CLUSTER_CONFIG is None):
+    if cluster and (not _has_clusters() or CLUSTER_CONFIG is None):
         pytest.skip("thread-block clusters need compute capability 9.0 and a cluster config")
     config = CLUSTER_CONFIG if cluster else None
     packed, w64 = _weight(4096, 4096, 4, 128, "float16")

@@ -139,10 +139,10 @@ def test_native_launcher_runs_a_cluster_config(tmp_path, monkeypatch):
     C++ launcher's launch (its grid's z the cluster) gives what cuflute.qgemm gives with that
     config forced, bit for bit, and the reference's result."""
     from cuflute import dispatch, gemm
-    from cuflute.kernels import TILE_CONFIGS
+    from cuflute.kernels import CLUSTER_MIN_ARCH, TILE_CONFIGS, device_arch
     from cuflute.torch import native_launcher
 
-    if gemm.device_properties(0)["major"] < 9:
+    if device_arch(gemm.device_properties(0)) < CLUSTER_MIN_ARCH:
         pytest.skip("thread-block clusters need compute capability 9.0")
     native = native_launcher()
     if native is None:
