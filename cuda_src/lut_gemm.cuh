@@ -201,8 +201,10 @@ __device__ __forceinline__ void sync_named(int id, int threads) {
 // Programmatic dependent launch (sm_90; no-ops before it, and when the grid was launched
 // without the attribute). The trigger lets the next grid in the stream, if launched with the
 // attribute, start once every CTA of this one has run it; the wait returns once the grid
-// before this one has finished and its writes are visible. Nothing that grid may write (x, y,
-// the weight buffers) is read or written before the wait.
+// before this one has finished and its writes are visible. x and y are not touched before the
+// wait. The weight (codes, scales, pair LUT) is read before it: a grid runs ahead of the wait
+// only behind a grid that triggers early, which in cuflute is lut_gemm, and that writes only
+// its y. So the one rule is that the y of a call is not the weight of the call after it.
 __device__ __forceinline__ void launch_dependent_grids() {
 #if __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
@@ -573,35 +575,46 @@ __device__ __forceinline__ void lut_gemm_cta(const T* __restrict__ x, long long 
   const int my_chunks = wk < cta_chunks ? (cta_chunks - wk + WK - 1) / WK : 0;
   auto chunk = [&](int i) { return chunk0 + wk + i * WK; };
 
-  // The next grid may start as this one's CTAs are all resident; this one starts reading once
-  // the one before it is done (programmatic dependent launch: its start-up overlaps that one's
-  // last CTAs; warming L2 with the weight in that time measured slower, docs/PERF_NOTES.md v17).
-  launch_dependent_grids();
-  wait_for_prior_grid();
   // The copy of chunk i's x (its first piece), and this lane's first piece in it.
   auto x_copy = [&](int i) {
     return reinterpret_cast<uint4*>(XS == kXShared ? Smem::shared_x(smem, wk, i)
                                                    : Smem::stage(smem, warp, i) + Tile::kXOffset);
   };
   auto x_stage = [&](int i) { return x_copy(i) + (XS == kXRow ? tig : lane); };
-  auto issue = [&](int i) {
-    if (i < my_chunks) {
+  auto issue_weight = [&](int i) {
+    if (i < my_chunks)
       copy_chunk_async<BITS, GROUP, NT>(Smem::stage(smem, warp, i), qweight, scales, tile0,
                                         chunk(i), n_tiles, k_chunks, n_groups, lane);
+  };
+  // Chunk i's x, then the group of everything issued since the last commit (empty groups too,
+  // so that wait_group counts chunks).
+  auto issue_x_and_commit = [&](int i) {
+    if (i < my_chunks) {
       if constexpr (XS == kXWarp) copy_x_async<MT, 1>(x_stage(i), x_lane, row_valid, chunk(i), K, 0, lane);
       if constexpr (XS == kXShared) copy_x_async<MT, WN>(x_stage(i), x_lane, row_valid, chunk(i), K, wn, lane);
       if constexpr (XS == kXRow)  // M = 1: the row is x's first
         copy_x_row_async(x_copy(i), reinterpret_cast<const uint4*>(x), chunk(i), K, lane);
     }
-    copy_async_commit();  // empty groups too, so that wait_group counts chunks
+    copy_async_commit();
+  };
+  auto issue = [&](int i) {
+    issue_weight(i);
+    issue_x_and_commit(i);
   };
 
-  // The weight pipeline and the first x batch start before the LUT is built, which they do not need.
+  // The next grid may start once every CTA of this one is resident, and this one may have
+  // started before the grid ahead of it is done: the first chunks of the weight and the LUT
+  // build go out before the wait, overlapping that grid's last CTAs; x waits
+  // (launch_dependent_grids above; docs/PERF_NOTES.md v20).
+  launch_dependent_grids();
 #pragma unroll
-  for (int i = 0; i < STAGES - 1; ++i) issue(i);
+  for (int i = 0; i < STAGES - 1; ++i) issue_weight(i);
+  fill_lut<BITS, COPIES, 32 * kWarps>(smem, pair_lut, threadIdx.x);
+  wait_for_prior_grid();
+#pragma unroll
+  for (int i = 0; i < STAGES - 1; ++i) issue_x_and_commit(i);
   typename Tile::XBatch xv;
   if (!kStagedX && my_chunks > 0) load_x<BITS, GROUP, NT, MT>(xv, x_lane, chunk(0), 0, K, tig);
-  fill_lut<BITS, COPIES, 32 * kWarps>(smem, pair_lut, threadIdx.x);
   __syncthreads();
 
   for (int i = 0; i < my_chunks; ++i) {

@@ -17,8 +17,10 @@ from .packing import TILE_N, PackedWeight
 
 _MAX_GRID_Y = 65535
 # lut_gemm goes out as a programmatic dependent launch on sm_90 and later: its CTAs start while
-# the kernel before it in the stream finishes, and wait for that one's writes before they read
-# (docs/PERF_NOTES.md, v17). CUFLUTE_PDL=0, read at import, launches it plainly.
+# the kernel before it in the stream finishes, read the weight's first chunks, and wait for that
+# one's writes before they read x (docs/PERF_NOTES.md, v17 and v20; the rule this sets is in
+# cuda_src/lut_gemm.cuh's launch_dependent_grids). CUFLUTE_PDL=0, read at import, launches it
+# plainly.
 PROGRAMMATIC_LAUNCH = os.environ.get("CUFLUTE_PDL", "1") != "0"
 
 

@@ -203,6 +203,20 @@ def test_runs_on_the_callers_stream_and_in_a_cuda_graph():
 CLUSTER_CONFIG = next((c for c in TILE_CONFIGS if c.needs_clusters and c.takes(16)), None)
 
 
+def _eager_and_graphed(calls):
+    """``calls`` and the replay of a CUDA graph of them, captured on a side stream after one
+    eager run there (which compiles the kernels outside the capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        calls()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            calls()
+    torch.cuda.current_stream().wait_stream(side)
+    return calls, graph.replay
+
+
 @pytest.mark.parametrize("m", [1, 16])
 @pytest.mark.parametrize("cluster", [False, True], ids=["tuned", "cluster"])
 def test_back_to_back_launches_wait_for_the_one_before(m, cluster):
@@ -225,15 +239,7 @@ def test_back_to_back_launches_wait_for_the_one_before(m, cluster):
         cuflute.qgemm(a, packed, out=b, config=config)
         cuflute.qgemm(b, packed, out=a, config=config)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        both()  # warm-up compiles outside the capture
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=side):
-            both()
-    torch.cuda.current_stream().wait_stream(side)
-    for run in (both, graph.replay):
+    for run in _eager_and_graphed(both):
         for seed in (11, 12, 13):
             x64 = _random_x(m, 4096, "float16", seed=seed)
             a.copy_(_to_torch(x64, "float16"))
@@ -243,6 +249,51 @@ def test_back_to_back_launches_wait_for_the_one_before(m, cluster):
             first, second = b.double().cpu().numpy(), a.double().cpu().numpy()
             assert _rel_error(first, x64 @ w64.T) < 1e-3, (run, seed)
             assert _rel_error(second, first @ w64.T) < 1e-3, (run, seed)
+
+
+def test_a_weight_rewritten_just_before_a_call_is_read_as_rewritten():
+    """lut_gemm reads the weight (its first chunks, the pair LUT) before griddepcontrol.wait, so
+    that on sm_90 it overlaps the kernel ahead of it. A weight that a kernel rewrites right before
+    the call, on the same stream, must still be read as rewritten: four calls on one set of
+    buffers, each after an elementwise kernel wrote another weight into them, eager and replayed
+    from a CUDA graph."""
+    n = k = 4096
+    weights = []
+    for seed in (1, 2):
+        w = np.random.default_rng(seed).standard_normal((n, k))
+        packed = cuflute.pack(cuflute.quantize(w, 4, 128), "float16")
+        weights.append((packed.to_device(0), reference.dequantize(packed)))
+    live = weights[0][0].to_host().to_device(0)  # buffers of its own
+    fields = ("qweight", "scales", "pair_lut")
+    signed = {4: torch.int32, 2: torch.int16}
+
+    def as_signed(array):
+        tensor = torch.from_dlpack(array)
+        return tensor.view(signed[tensor.element_size()])
+
+    buffers = [as_signed(getattr(live, f)) for f in fields]
+    sources = [[as_signed(getattr(p, f)) for f in fields] for p, _ in weights]
+    order = (1, 0, 1, 0)
+    x = torch.empty(1, k, dtype=torch.float16, device="cuda")
+    outs = [torch.empty(1, n, dtype=torch.float16, device="cuda") for _ in order]
+
+    def calls():
+        for out, j in zip(outs, order):
+            for dst, src in zip(buffers, sources[j]):
+                torch.add(src, 0, out=dst)  # a kernel, not a copy-engine memcpy
+            cuflute.qgemm(x, live, out=out)
+
+    for run in _eager_and_graphed(calls):
+        for seed in (21, 22):
+            x64 = _random_x(1, k, "float16", seed=seed)
+            x.copy_(_to_torch(x64, "float16"))
+            for out in outs:
+                out.fill_(float("nan"))
+            run()
+            torch.cuda.synchronize()
+            for out, j in zip(outs, order):
+                err = _rel_error(out.double().cpu().numpy(), x64 @ weights[j][1].T)
+                assert err < 1e-3, (run, seed, j)
 
 
 def test_errors():
