@@ -116,6 +116,7 @@ TILE_CONFIGS = (
     TileConfig(nt=1, mt=1, wk=8),
     # M = 1: the one row of x through each warp's pipeline, 512 bytes a chunk
     TileConfig(nt=1, mt=1, wk=4, xs=X_ROW),
+    TileConfig(nt=1, mt=1, wk=4, stages=3, xs=X_ROW),
     TileConfig(nt=1, mt=1, wk=8, xs=X_ROW),
     TileConfig(nt=2, mt=1, wk=8, xs=X_ROW),
     # x through each warp's pipeline: two n tiles a warp halve the x each weight byte needs
