@@ -49,6 +49,20 @@ def _rel_error(y, ref):
     return np.linalg.norm(y - ref) / np.linalg.norm(ref)
 
 
+def _eager_and_graphed(calls):
+    """``calls`` and the replay of a CUDA graph of them, captured on a side stream after one
+    eager run there (which compiles the kernels outside the capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        calls()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            calls()
+    torch.cuda.current_stream().wait_stream(side)
+    return calls, graph.replay
+
+
 CASES = [(bits, g, dtype, n, k) for bits in (2, 3, 4) for g in GROUPS
          for dtype in ("float16", "bfloat16") for n, k in SHAPES if not (g and k % g)]
 
@@ -182,39 +196,18 @@ def test_runs_on_the_callers_stream_and_in_a_cuda_graph():
     packed, w64 = _weight(1000, 1280, 4, 128, "float16")
     x = _to_torch(_random_x(4, 1280, "float16", seed=4), "float16")
     out = torch.empty(4, 1000, dtype=torch.float16, device="cuda")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        cuflute.qgemm(x, packed, out=out)  # warm-up compiles outside the capture
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=side):
-            cuflute.qgemm(x, packed, out=out)
-    torch.cuda.current_stream().wait_stream(side)
+    _, replay = _eager_and_graphed(lambda: cuflute.qgemm(x, packed, out=out))
     for seed in (5, 6):
         x64 = _random_x(4, 1280, "float16", seed=seed)
         x.copy_(_to_torch(x64, "float16"))
         out.fill_(float("nan"))
-        graph.replay()
+        replay()
         torch.cuda.synchronize()
         assert _rel_error(out.double().cpu().numpy(), x64 @ w64.T) < 1e-3
 
 
 # A config whose CTAs split K in thread-block clusters (sm_90), for the launch tests.
 CLUSTER_CONFIG = next((c for c in TILE_CONFIGS if c.needs_clusters and c.takes(16)), None)
-
-
-def _eager_and_graphed(calls):
-    """``calls`` and the replay of a CUDA graph of them, captured on a side stream after one
-    eager run there (which compiles the kernels outside the capture)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        calls()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=side):
-            calls()
-    torch.cuda.current_stream().wait_stream(side)
-    return calls, graph.replay
 
 
 @pytest.mark.parametrize("m", [1, 16])
