@@ -384,6 +384,24 @@ def parse_ptxas_log(log: str) -> list[ResourceUsage]:
     return usages
 
 
+def _cubin(program) -> bytes:
+    """The program's machine code, whole. CuPy's getCUBIN returns one byte less than NVRTC's
+    size (as if it were text ending in a NUL), and cuobjdump refuses such a file ("does not
+    contain device code"), so this asks the NVRTC library CuPy uses for it directly."""
+    import ctypes
+
+    from cuda.pathfinder import load_nvidia_dynamic_lib
+
+    lib = ctypes.CDLL(load_nvidia_dynamic_lib("nvrtc").abs_path)
+    size = ctypes.c_size_t()
+    if lib.nvrtcGetCUBINSize(ctypes.c_void_p(program), ctypes.byref(size)):
+        raise RuntimeError("nvrtcGetCUBINSize failed")
+    buffer = ctypes.create_string_buffer(size.value)
+    if lib.nvrtcGetCUBIN(ctypes.c_void_p(program), buffer):
+        raise RuntimeError("nvrtcGetCUBIN failed")
+    return buffer.raw
+
+
 def nvrtc_compile(specs, arch: int, cubin_path: str | None = None) -> list[ResourceUsage]:
     """Compile ``specs`` to sm_``arch`` machine code in one NVRTC program; no GPU needed.
     ``cubin_path``: also write the machine code there (for cuobjdump)."""
@@ -402,7 +420,7 @@ def nvrtc_compile(specs, arch: int, cubin_path: str | None = None) -> list[Resou
         lowered = {nvrtc.getLoweredName(program, s.name_expression): s for s in specs}
         usages = parse_ptxas_log(nvrtc.getProgramLog(program))
         if cubin_path:
-            Path(cubin_path).write_bytes(nvrtc.getCUBIN(program))
+            Path(cubin_path).write_bytes(_cubin(program))
     finally:
         nvrtc.destroyProgram(program)
     by_name = {lowered[u.name].name_expression: replace(u, name=lowered[u.name].name_expression)

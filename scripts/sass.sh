@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # SASS of one kernel specialization for sm_90 through the library's own NVRTC path, an
-# instruction histogram first. Needs cuobjdump (the device machine has it).
+# instruction histogram first. Needs cuobjdump and nvdisasm: the device machine has them; on a
+# machine without a GPU, `pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm` and put their
+# nvidia/cu13/bin folder on PATH.
 # Usage: scripts/sass.sh [BITS GROUP DTYPE CONFIG] > sass.txt   (default: 4 128 float16 nt1_mt1_wk8_s2)
 set -euo pipefail
 dir=$(mktemp -d)

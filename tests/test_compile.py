@@ -42,6 +42,22 @@ def test_every_specialization_compiles_without_local_memory(arch, compiled):
         assert usage.shared_bytes == 0, detail  # all of it dynamic: spec.shared_bytes
 
 
+def test_the_written_cubin_is_a_whole_elf_file(tmp_path):
+    """Every header table the ELF header points at lies inside the file (cuobjdump reads them)."""
+    import struct
+
+    from cuflute.kernels import DequantSpec
+
+    path = tmp_path / "k.cubin"
+    nvrtc_compile([DequantSpec(4, 128, "float16")], 90, str(path))
+    data = path.read_bytes()
+    assert data[:4] == b"\x7fELF"
+    ph_offset, sh_offset = struct.unpack_from("<QQ", data, 0x20)
+    ph_size, ph_count, sh_size, sh_count = struct.unpack_from("<HHHH", data, 0x36)
+    assert ph_offset + ph_size * ph_count <= len(data)
+    assert sh_offset + sh_size * sh_count <= len(data)
+
+
 def test_parse_ptxas_log_reads_spills():
     log = (
         "ptxas info    : Compiling entry function '_Z1fv' for 'sm_90'\n"
