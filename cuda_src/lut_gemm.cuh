@@ -74,9 +74,14 @@
 //     BITS 4: word s,         bits [8p, 8p+8)            field = q0 | q1 << 4
 //     BITS 2: word s/2,       bits [16(s%2)+4p, +4)      field = q0 | q1 << 2
 //     BITS 3: two bit planes, hi(q) = q >> 1 and lo(q) = q & 1:
-//             word s/2,       bits [16(s%2)+4p, +4)      hi field = hi(q0) | hi(q1) << 2
-//             word 8 + s/4,   bits [8(s%4)+2p, +2)       lo field = lo(q0) | lo(q1) << 1
+//             word s/2,       bits [8p+2+4(s%2), +4)     hi field = hi(q0) | hi(q1) << 2
+//                             (mod 32: odd steps' p = 3 field is bits 30, 31, 0, 1)
+//             word 8 + s/4,   bits [8p+2(s%4), +2)       lo field = lo(q0) | lo(q1) << 1
 //             field = hi field << 2 | lo field
+//             The hi word rotated right by 4(s%2) and the lo word shifted right by 2(s%4) hold
+//             pair p's hi field at bits [8p+2, +4) and lo field at [8p, +2): one select of the
+//             two makes the step's four fields, one a byte, and each pair then costs a shift
+//             and a mask as with 4 bits.
 //   (q0 is the code at the lower k, q1 at the next k of the pair.)
 //
 //   scales:   pair_t [n_tiles][n_groups][8 gid]   word = {S[16 tile + gid], S[16 tile + gid + 8]}
@@ -99,6 +104,15 @@ constexpr int kXGlobal = 0, kXWarp = 1, kXShared = 2, kXRow = 3;
 // v moved so that its bit `from` lands on bit `to` (both compile-time after unrolling).
 __device__ __forceinline__ u32 move_bits(u32 v, int from, int to) {
   return from >= to ? v >> (from - to) : v << (to - from);
+}
+
+// The bits of a where mask is set, of b elsewhere. One lop3 that the compiler cannot split: left
+// to itself it pushes the masks of a select into each of its four uses (the 3-bit fields below),
+// three instructions a pair instead of one a step (sm_90 SASS: 811 -> 628 a chunk, nt2_mt1_wk8).
+template <u32 MASK> __device__ __forceinline__ u32 select_bits(u32 a, u32 b) {
+  u32 d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xE4;" : "=r"(d) : "r"(a), "r"(b), "n"(MASK));  // (a & c) | (b & ~c)
+  return d;
 }
 
 template <int BITS, int COPIES = 32> struct CodeLayout {
@@ -124,10 +138,10 @@ template <int BITS, int COPIES = 32> struct CodeLayout {
       return (move_bits(w[s], 8 * p, e) & (0xFFu << e)) | lane_bytes;
     } else if constexpr (BITS == 2) {
       return (move_bits(w[s >> 1], 16 * (s & 1) + 4 * p, e) & (0xFu << e)) | lane_bytes;
-    } else {
-      const u32 hi = move_bits(w[s >> 1], 16 * (s & 1) + 4 * p, e + 2) & (0xFu << (e + 2));
-      const u32 lo = move_bits(w[8 + (s >> 2)], 8 * (s & 3) + 2 * p, e) & (0x3u << e);
-      return hi | lo | lane_bytes;
+    } else {  // the same select for the four pairs of a step: the compiler keeps one
+      const u32 hi = s & 1 ? __funnelshift_r(w[s >> 1], w[s >> 1], 4) : w[s >> 1];
+      const u32 fields = select_bits<0x3C3C3C3Cu>(hi, w[8 + (s >> 2)] >> (2 * (s & 3)));
+      return (move_bits(fields, 8 * p, e) & (0x3Fu << e)) | lane_bytes;
     }
   }
 };

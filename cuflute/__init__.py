@@ -2,7 +2,7 @@
 
 Nothing here touches a GPU at import time: kernels compile on first use.
 """
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .formats import QuantizedWeight, int_table, nf_table, quantize
 from .gemm import dequantize, gpu_available, qgemm

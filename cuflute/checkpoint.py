@@ -3,7 +3,7 @@
 One safetensors file holds every tensor of ``model.state_dict()`` (tensors that share memory,
 such as tied embeddings, stored once) and, under the metadata key ``"cuflute"``, a JSON record::
 
-    {"format": "cuflute-quantized-model", "format_version": 1, "cuflute_version": "0.1.0",
+    {"format": "cuflute-quantized-model", "format_version": 2, "cuflute_version": "0.2.0",
      "layers": {"<module name>": {"in_features", "out_features", "bits", "group_size",
                                   "table", "dtype", "bias"}},      # QuantizedLinear.config()
      "tied":   {"<state-dict key>": "<stored key it shares memory with>"},
@@ -27,7 +27,10 @@ from . import __version__
 from .torch import QuantizedLinear
 
 FORMAT = "cuflute-quantized-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version 1 (cuflute 0.1.0) packed the two bit planes of 3-bit codes in another order; its 2- and
+# 4-bit layers are stored as version 2 stores them, so its files load when they have no 3-bit layer.
+READABLE_VERSIONS = (1, FORMAT_VERSION)
 METADATA_KEY = "cuflute"
 
 
@@ -90,14 +93,23 @@ def read(path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise CheckpointError(f"{path} has a corrupted cuflute record: {error}") from error
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise CheckpointError(f"{path}: the record's format is not {FORMAT!r}")
-    if record.get("format_version") != FORMAT_VERSION:
+    version = record.get("format_version")
+    if version not in READABLE_VERSIONS:
         raise CheckpointError(
-            f"{path} has format version {record.get('format_version')!r}, written by cuflute "
-            f"{record.get('cuflute_version')}; this cuflute ({__version__}) reads version "
-            f"{FORMAT_VERSION}")
+            f"{path} has format version {version!r}, written by cuflute "
+            f"{record.get('cuflute_version')}; this cuflute ({__version__}) reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}")
     for field in ("layers", "tied", "sha256"):
         if not isinstance(record.get(field), dict):
             raise CheckpointError(f"{path}: the record has no {field!r} table")
+    if version == 1:
+        three_bit = [name for name, config in record["layers"].items()
+                     if isinstance(config, dict) and config.get("bits") == 3]
+        if three_bit:
+            raise CheckpointError(
+                f"{path} has format version 1 (cuflute {record.get('cuflute_version')}), whose "
+                f"3-bit codes are packed in an order this cuflute does not read: layers "
+                f"{three_bit[:5]} ({len(three_bit)} in all); quantize the model again with this cuflute")
     if set(record["sha256"]) != set(tensors):
         missing = sorted(set(record["sha256"]) ^ set(tensors))
         raise CheckpointError(f"{path}: the stored tensors and the record disagree on {missing[:5]}")

@@ -15,16 +15,21 @@ Layout (the same picture stands at the top of cuda_src/lut_gemm.cuh)::
         p=2: row gid,   k 32j + 8tig + 4(s%2) + {2, 3}
         p=3: row gid+8, k 32j + 8tig + 4(s%2) + {2, 3}
 
-      Each pair (q0 at the even k, q1 at the odd k) becomes one field, and field i = 4s + p of a
-      plane sits at bits [(i % per_word) * width, +width) of word i // per_word (per_word =
-      32 / width), the lane's words running through its 16-byte vectors in order:
+      Each pair (q0 at the even k, q1 at the odd k) becomes one field per plane, and field
+      i = 4s + p of a plane sits in word i // (32 / width) of it, rotated left by r (the field's
+      bit b at the word's bit (r + b) % 32), the lane's words running through its 16-byte vectors
+      in order:
 
-        bits 4: one plane, width 8: field = q0 | q1 << 4                      words 0..15
-        bits 2: one plane, width 4: field = q0 | q1 << 2                      words 0..7
+        bits 4: one plane, width 8: field = q0 | q1 << 4          words 0..15   r = 8p
+        bits 2: one plane, width 4: field = q0 | q1 << 2          words 0..7    r = 16(s%2) + 4p
         bits 3: bit planes, hi(q) = q >> 1 then lo(q) = q & 1:
-                hi plane, width 4: hi(q0) | hi(q1) << 2                       words 0..7
-                lo plane, width 2: lo(q0) | lo(q1) << 1                       words 8..11
+                hi plane, width 4: hi(q0) | hi(q1) << 2           words 0..7    r = 8p + 2 + 4(s%2)
+                lo plane, width 2: lo(q0) | lo(q1) << 1           words 8..11   r = 8p + 2(s%4)
                 LUT field = hi field << 2 | lo field
+
+      (3 bits: step s's hi word rotated right by 4(s%2) and its lo word shifted right by 2(s%4)
+      hold pair p's hi field at bits [8p + 2, +4) and its lo field at [8p, +2), so one bitwise
+      select of the two gives all four LUT fields of the step, one a byte.)
 
     scales   uint16 [n_tiles][n_groups][8 gid][2]   {S[16t + gid], S[16t + gid + 8]} as the dtype
     pair_lut uint32 [4**bits]                        low half T[q0], high half T[q1] of field f
@@ -91,20 +96,34 @@ def lut_field_codes(bits: int) -> tuple[np.ndarray, np.ndarray]:
     return c0, c1
 
 
-def pack_fields(fields: np.ndarray, width: int) -> np.ndarray:
-    """fields [..., 64] (each < 2**width) -> uint32 words [..., 64 * width / 32]."""
-    per_word = 32 // width
-    f = fields.astype(np.uint32).reshape(*fields.shape[:-1], -1, per_word)
-    shifts = (np.arange(per_word, dtype=np.uint32) * width).astype(np.uint32)
-    return np.bitwise_or.reduce(f << shifts, axis=-1)
+def field_rotations(bits: int) -> list[np.ndarray]:
+    """Each plane's left rotation r of field i = 4s + p in its word (the layout above): int64
+    arrays [64], in the order of PLANE_WIDTHS[bits]."""
+    s, p = np.divmod(np.arange(STEPS_PER_CHUNK * PAIRS), PAIRS)
+    if bits == 4:
+        return [8 * p]
+    if bits == 2:
+        return [16 * (s % 2) + 4 * p]
+    return [8 * p + 2 + 4 * (s % 2), 8 * p + 2 * (s % 4)]
 
 
-def unpack_fields(words: np.ndarray, width: int) -> np.ndarray:
+def _rotate_left(v: np.ndarray, r: np.ndarray) -> np.ndarray:
+    v = v.astype(np.uint64)
+    r = np.asarray(r, dtype=np.uint64) % 32
+    return ((v << r) | (v >> (32 - r))) & 0xFFFFFFFF
+
+
+def pack_fields(fields: np.ndarray, width: int, rotations: np.ndarray) -> np.ndarray:
+    """fields [..., 64] (each < 2**width) -> uint32 words [..., 64 * width / 32], field i rotated
+    left by rotations[i] into word i // (32 / width)."""
+    f = _rotate_left(fields, rotations).reshape(*fields.shape[:-1], -1, 32 // width)
+    return np.bitwise_or.reduce(f, axis=-1).astype(np.uint32)
+
+
+def unpack_fields(words: np.ndarray, width: int, rotations: np.ndarray) -> np.ndarray:
     """The inverse of pack_fields: uint32 words [..., W] -> fields [..., W * 32 / width]."""
-    per_word = 32 // width
-    shifts = (np.arange(per_word, dtype=np.uint32) * width).astype(np.uint32)
-    f = (words[..., None] >> shifts) & np.uint32((1 << width) - 1)
-    return f.reshape(*words.shape[:-1], -1).astype(np.int64)
+    per_word = np.repeat(words, 32 // width, axis=-1)
+    return (_rotate_left(per_word, 32 - rotations) & ((1 << width) - 1)).astype(np.int64)
 
 
 def kernel_group(group_size: int, k: int) -> int:
@@ -232,9 +251,9 @@ def pack(qw: QuantizedWeight, dtype: str = "float16") -> PackedWeight:
     frag = blocks[:, :, FRAGMENT_ROW, FRAGMENT_K]
     fields = plane_fields(frag[..., 0], frag[..., 1], bits)
     words = []
-    for f, width in zip(fields, PLANE_WIDTHS[bits]):
+    for f, width, rotations in zip(fields, PLANE_WIDTHS[bits], field_rotations(bits)):
         per_lane = f.transpose(0, 1, 3, 2, 4).reshape(n_tiles, k_chunks, LANES, -1)  # i = 4s + p
-        words.append(pack_fields(per_lane, width))
+        words.append(pack_fields(per_lane, width, rotations))
     lane_words = np.concatenate(words, axis=-1)  # [tile, chunk, lane, 4 * bits]
     qweight = lane_words.reshape(n_tiles, k_chunks, LANES, bits, 4).transpose(0, 1, 3, 2, 4)
 

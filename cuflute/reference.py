@@ -23,6 +23,7 @@ from .packing import (
     STEPS_PER_CHUNK,
     TILE_N,
     PackedWeight,
+    field_rotations,
     lut_field,
     lut_field_codes,
     unpack_fields,
@@ -43,9 +44,9 @@ def lut_fields(packed: PackedWeight) -> np.ndarray:
     p = packed.to_host()
     lane_words = p.qweight.transpose(0, 1, 3, 2, 4).reshape(p.n_tiles, p.k_chunks, LANES, -1)
     fields, start = [], 0
-    for width in PLANE_WIDTHS[p.bits]:
+    for width, rotations in zip(PLANE_WIDTHS[p.bits], field_rotations(p.bits)):
         n_words = STEPS_PER_CHUNK * PAIRS * width // 32
-        fields.append(unpack_fields(lane_words[..., start : start + n_words], width))
+        fields.append(unpack_fields(lane_words[..., start : start + n_words], width, rotations))
         start += n_words
     f = lut_field(fields, p.bits)  # [tile, chunk, lane, 4s + p]
     return f.reshape(p.n_tiles, p.k_chunks, LANES, STEPS_PER_CHUNK, PAIRS).transpose(0, 1, 3, 2, 4)

@@ -242,6 +242,27 @@ def test_bad_file_gives_clear_error_and_leaves_model_untouched(tmp_path, damage,
     _assert_untouched(model, before)
 
 
+def test_version_1_files_load_unless_they_hold_3_bit_layers(tmp_path):
+    """Version 1 packed 3-bit codes in another order: read as version 2 they would be wrong."""
+    path = tmp_path / "net.safetensors"
+    net = _quantized_net()  # 4-bit: the same bytes in both versions
+    checkpoint.save(net, path)
+    _rewrite_record(path, lambda r: r.update(format_version=1))
+    fresh = _Net(seed=1)
+    assert checkpoint.load(fresh, path) == ["inner.up", "inner.down"]
+    _assert_untouched(fresh, _snapshot(net))
+
+    three_bit = _Net()
+    quantize_model(three_bit, bits=3, group_size=128, skip=["head", "*.down"], progress=False)
+    checkpoint.save(three_bit, path)
+    _rewrite_record(path, lambda r: r.update(format_version=1))
+    model = _Net(seed=3)
+    before = _snapshot(model)
+    with pytest.raises(checkpoint.CheckpointError, match=r"format version 1 .*\['inner.up'\]"):
+        checkpoint.load(model, path)
+    _assert_untouched(model, before)
+
+
 class _OtherNet(_Net):
     def __init__(self):
         super().__init__()
