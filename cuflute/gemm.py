@@ -198,9 +198,43 @@ def _new_plan(packed: PackedWeight, m: int, config: TileConfig | str | None) -> 
     if spec.shared_bytes > props["sharedMemPerBlockOptin"]:
         raise ValueError(f"tile config {tile} needs {spec.shared_bytes} bytes of shared memory, "
                          f"cuda:{device} allows {props['sharedMemPerBlockOptin']}")
-    return LaunchPlan(get_kernel(spec, device), grid, tile.threads, spec.shared_bytes, weights,
-                      sizes, dense=False,
-                      programmatic=PROGRAMMATIC_LAUNCH and props["major"] >= 9)
+    function = get_kernel(spec, device)
+    programmatic = PROGRAMMATIC_LAUNCH and props["major"] >= 9
+    shared_bytes = spec.shared_bytes
+    if programmatic and tile.ks == 1:  # (clusters are placed a GPC at a time: not measured)
+        ctas_per_sm = -(-grid[0] * grid[1] * grid[2] // props["multiProcessorCount"])
+        if _ctas_that_fit(function, spec, device) > ctas_per_sm:
+            shared_bytes = max(shared_bytes, spread_shared_bytes(ctas_per_sm, props))
+    return LaunchPlan(function, grid, tile.threads, shared_bytes, weights, sizes, dense=False,
+                      programmatic=programmatic)
+
+
+def _ctas_that_fit(function, spec: KernelSpec, device: int) -> int:
+    import cupy
+    from cupy.cuda import driver
+
+    with cupy.cuda.Device(device):
+        # a driver call: the device's context must be current on this thread, which a thread whose
+        # first CUDA work this is has not bound yet (as in launch)
+        cupy.cuda.runtime.setDevice(device)
+        return driver.occupancyMaxActiveBlocksPerMultiprocessor(function.ptr, spec.threads,
+                                                                spec.shared_bytes)
+
+
+# The granule in which an SM hands out shared memory to CTAs (compute capability 8.0 to 9.0).
+SHARED_GRANULE = 128
+
+
+def spread_shared_bytes(ctas_per_sm: int, props: dict) -> int:
+    """Dynamic shared memory that lets an SM hold at most ``ctas_per_sm`` CTAs (their own
+    reserve included). A programmatic launch's grid is let onto the SMs while the grid before
+    it still runs, into whatever room that one leaves; where a grid of one wave leaves room on
+    every SM, the next grid's early CTAs pile onto some SMs and it runs unevenly (3-bit, M = 1,
+    8192 x 8192, nt1_mt1_wk4: 17.4 us with room for 7 CTAs an SM, 13.1 with 4: docs/PERF_NOTES.md
+    v21). So a launch whose kernel would fit more CTAs an SM than its grid spreads to takes this
+    much shared memory instead."""
+    per_cta = props["sharedMemPerMultiprocessor"] // ctas_per_sm // SHARED_GRANULE * SHARED_GRANULE
+    return min(per_cta - props["reservedSharedMemPerBlock"], props["sharedMemPerBlockOptin"])
 
 
 _MAX_PARAMS = 16

@@ -311,8 +311,10 @@ def _kernel(spec: KernelSpec, device: int):
         module = cupy.RawModule(code=source(), options=compile_options(),
                                 name_expressions=[spec.name_expression])
         function = module.get_function(spec.name_expression).kernel
+        # all the device allows, not spec.shared_bytes: a launch may ask for more than the kernel
+        # needs, to hold an SM's CTAs down (cuflute.gemm.spread_shared_bytes)
         driver.funcSetAttribute(function.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                                spec.shared_bytes)
+                                cupy.cuda.runtime.getDeviceProperties(device)["sharedMemPerBlockOptin"])
         return function
 
 

@@ -164,3 +164,17 @@ def test_shared_memory_limit_picks_a_config_that_fits():
                 assert KernelSpec(bits, group, "float16", tile).shared_bytes <= 101376, (bits, group)
                 assert tile.takes(m), (bits, group, m, tile)
 
+
+
+@pytest.mark.parametrize("props", [
+    {"sharedMemPerMultiprocessor": 233472, "reservedSharedMemPerBlock": 1024, "sharedMemPerBlockOptin": 232448},
+    {"sharedMemPerMultiprocessor": 167936, "reservedSharedMemPerBlock": 1024, "sharedMemPerBlockOptin": 166912},
+], ids=["sm_90", "sm_80"])
+def test_spread_shared_memory_holds_an_sm_to_that_many_ctas(props):
+    from cuflute.gemm import SHARED_GRANULE, spread_shared_bytes
+
+    for ctas in range(1, 33):
+        dynamic = spread_shared_bytes(ctas, props)
+        assert 0 < dynamic <= props["sharedMemPerBlockOptin"]
+        per_cta = -(-(dynamic + props["reservedSharedMemPerBlock"]) // SHARED_GRANULE) * SHARED_GRANULE
+        assert props["sharedMemPerMultiprocessor"] // per_cta == ctas, (ctas, dynamic)
