@@ -122,8 +122,8 @@ def pack_fields(fields: np.ndarray, width: int, rotations: np.ndarray) -> np.nda
 
 def unpack_fields(words: np.ndarray, width: int, rotations: np.ndarray) -> np.ndarray:
     """The inverse of pack_fields: uint32 words [..., W] -> fields [..., W * 32 / width]."""
-    per_word = np.repeat(words, 32 // width, axis=-1)
-    return (_rotate_left(per_word, 32 - rotations) & ((1 << width) - 1)).astype(np.int64)
+    word_of_field = np.repeat(words, 32 // width, axis=-1)
+    return (_rotate_left(word_of_field, 32 - rotations) & ((1 << width) - 1)).astype(np.int64)
 
 
 def kernel_group(group_size: int, k: int) -> int:
