@@ -2,8 +2,9 @@
 
 Nothing here touches a GPU at import time: kernels compile on first use.
 """
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
+from . import dense_cache
 from .formats import QuantizedWeight, int_table, nf_table, quantize
 from .gemm import dequantize, gpu_available, qgemm
 from .packing import PackedWeight, pack
@@ -11,6 +12,7 @@ from .packing import PackedWeight, pack
 __all__ = [
     "PackedWeight",
     "QuantizedWeight",
+    "dense_cache",
     "dequantize",
     "gpu_available",
     "int_table",

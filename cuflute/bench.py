@@ -10,6 +10,10 @@ device-to-device copy bandwidth measured at the start of the same run (bytes rea
 BCQ (cuflute.bcq, LUT-GEMM's binary-coding kernel) at the same bits is timed the same way on
 the same shapes and M, up to its M <= 8; its columns show "-" past that.
 
+``--dense-cache`` times cuflute with cuflute.dense_cache on and no practical limit: the cells
+that the dispatcher sends to cuBLAS over a held W' (column "path": "held W'") read that W', 2 N K
+bytes, and their bytes and roofline count it.
+
 Without a GPU it says what it skipped and prints the byte floor at a nominal bandwidth.
 """
 from __future__ import annotations
@@ -26,14 +30,15 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from functools import partial
 
-from . import __version__, gpu_available, qgemm
+from . import __version__, dense_cache, gpu_available, qgemm
+from .dispatch import DENSE, DENSE_CACHED, select_config
 from .dtypes import DTYPES
 from .formats import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 from .bcq import MAX_M as BCQ_MAX_M
 from .bcq import gemm as bcq_gemm
 from .bcq import random_packed as bcq_random_packed
 from .bcq.packing import packed_nbytes as bcq_packed_nbytes
-from .packing import packed_nbytes, random_packed
+from .packing import kernel_group, packed_nbytes, random_packed
 
 # (N, K) of the linear layers of Llama-3-8B, then Llama-3-70B:
 # fused q/k/v projection, attention output, fused gate/up, down.
@@ -127,6 +132,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bcq", action=argparse.BooleanOptionalAction, default=True,
                         help=f"also time cuflute.bcq (binary-coding LUT-GEMM) at the same bits, "
                              f"for M <= {BCQ_MAX_M}")
+    parser.add_argument("--dense-cache", action=argparse.BooleanOptionalAction, default=False,
+                        help="time cuflute with cuflute.dense_cache on, without a practical limit: "
+                             "where the tuned table measured cuBLAS over the dequantized weight "
+                             "faster, that weight is held in 16 bits (2 N K bytes) and multiplied "
+                             "by cuBLAS (default: off, as cuflute's own default)")
     parser.add_argument("--json", metavar="PATH", help="write metadata, rows and summary as JSON")
     parser.add_argument("--csv", metavar="PATH", help="write one CSV line per shape, M and bits")
     parser.add_argument("--markdown", metavar="PATH",
@@ -172,6 +182,11 @@ class Row:
     bnb_nf4_x: float | None
     bcq_us: float | None  # cuflute.bcq at the same bits; None: not run or M past its range
     bcq_x: float | None  # baseline_us / bcq_us
+    path: str = "kernel"  # what cuflute ran: PATHS' values
+
+
+# The dispatcher's pick -> Row.path
+PATHS = {DENSE: "dense", DENSE_CACHED: "held W'"}
 
 
 def peer_field(peer: str) -> str:
@@ -181,9 +196,10 @@ def peer_field(peer: str) -> str:
 
 def make_row(n: int, k: int, m: int, bits: int, group_size: int, dtype: str, us: float,
              baseline_us: float, peer_us: dict[str, float], copy_gbps: float,
-             bcq_us: float | None = None) -> Row:
+             bcq_us: float | None = None, path: str = "kernel") -> Row:
     """A Row with the derived numbers; peer_us holds the peers that ran at this shape and M."""
-    nbytes = call_bytes(n, k, m, bits, group_size)
+    nbytes = dense_call_bytes(n, k, m) if path == PATHS[DENSE_CACHED] else \
+        call_bytes(n, k, m, bits, group_size)
     gbps = nbytes / us / 1e3
     peers = {}
     for peer in PEERS:
@@ -193,7 +209,7 @@ def make_row(n: int, k: int, m: int, bits: int, group_size: int, dtype: str, us:
     return Row(n=n, k=k, m=m, bits=bits, group_size=group_size, dtype=dtype, bytes=nbytes,
                us=us, gbps=gbps, roofline=gbps / copy_gbps, baseline_us=baseline_us,
                speedup=baseline_us / us, **peers, bcq_us=bcq_us,
-               bcq_x=None if bcq_us is None else baseline_us / bcq_us)
+               bcq_x=None if bcq_us is None else baseline_us / bcq_us, path=path)
 
 
 def median_or_none(values) -> float | None:
@@ -223,18 +239,22 @@ def fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def result_table(rows: list[Row], dtype: str, peers: list[str], bcq: bool = False):
-    """(header, cells) of the main table; peers: the peer columns to show; bcq: show BCQ's."""
+def result_table(rows: list[Row], dtype: str, peers: list[str], bcq: bool = False,
+                 path: bool = False):
+    """(header, cells) of the main table; peers: the peer columns to show; bcq: show BCQ's;
+    path: show what cuflute ran."""
     base = SHORT_DTYPE[dtype]
-    header = ["N", "K", "M", "bits", "us", "GB/s", "roofline", f"{base} us", f"x {base}"]
+    header = ["N", "K", "M", "bits"] + (["path"] if path else []) + \
+        ["us", "GB/s", "roofline", f"{base} us", f"x {base}"]
     if bcq:
         header += ["bcq us", "bcq x"]
     for peer in peers:
         header += [f"{peer} us", f"{peer} x"]
     cells = []
     for r in rows:
-        line = [str(r.n), str(r.k), str(r.m), str(r.bits), fmt(r.us, ".1f"), fmt(r.gbps, ".0f"),
-                fmt(r.roofline, ".2f"), fmt(r.baseline_us, ".1f"), fmt(r.speedup, ".2f")]
+        line = [str(r.n), str(r.k), str(r.m), str(r.bits)] + ([r.path] if path else []) + \
+            [fmt(r.us, ".1f"), fmt(r.gbps, ".0f"), fmt(r.roofline, ".2f"), fmt(r.baseline_us, ".1f"),
+             fmt(r.speedup, ".2f")]
         if bcq:
             line += [fmt(r.bcq_us, ".1f"), fmt(r.bcq_x, ".2f")]
         for peer in peers:
@@ -297,6 +317,7 @@ class RunInfo:
     peers: list  # the peers tried
     unavailable: dict  # peer -> why it has no numbers
     bcq: bool = False  # whether cuflute.bcq was timed beside
+    dense_cache: bool = False  # whether cuflute ran with cuflute.dense_cache on (--dense-cache)
 
 
 def rows_csv(rows: list[Row]) -> str:
@@ -327,8 +348,15 @@ def markdown_report(info: RunInfo, rows: list[Row]) -> str:
         f"{info.rotate_bytes / 2**20:.0f} MiB of copies per method; median of {info.replays} "
         "CUDA-graph replays",
         "- roofline = (packed weight + activations + output bytes) / time / copy bandwidth",
+    ]
+    if info.dense_cache:
+        lines.append("- cuflute.dense_cache on (`--dense-cache`), without a practical limit: path "
+                     "\"held W'\" is cuBLAS over the weight dequantized once and held in 16 bits "
+                     "(2 N K bytes, counted in its bytes and roofline), where the tuned table "
+                     "measured that faster than the LUT GEMM")
+    lines += [
         "",
-        render_markdown(*result_table(rows, info.dtype, info.peers, info.bcq)),
+        render_markdown(*result_table(rows, info.dtype, info.peers, info.bcq, info.dense_cache)),
         "",
         "## Median over the shapes",
         "",
@@ -583,11 +611,29 @@ def package_versions() -> dict:
             "cupy": cupy.__version__, "bitsandbytes": bnb_version}
 
 
+def cuflute_path(n: int, k: int, m: int, bits: int, group_size: int, dtype: str, gpu: str,
+                 held: bool) -> str:
+    """What qgemm runs for this problem on GPU ``gpu`` (Row.path); held: dense_cache is on."""
+    pick = select_config(m, n, k, bits, kernel_group(group_size, k), dtype, gpu, dense_cache=held)
+    return PATHS.get(pick, "kernel")
+
+
 def benchmark(args: argparse.Namespace) -> tuple[RunInfo, list[Row]]:
     """Time every shape, M and bits; the peers' failures land in RunInfo.unavailable."""
     import torch
 
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    limit = dense_cache.limit()
+    dense_cache.set_limit(props.total_memory if args.dense_cache else 0)
+    try:
+        return _benchmark(args, props)
+    finally:
+        dense_cache.set_limit(limit)
+
+
+def _benchmark(args: argparse.Namespace, props) -> tuple[RunInfo, list[Row]]:
+    import torch
+
     rotate = args.rotate_bytes or 2 * props.L2_cache_size
     copy_gbps = measure_copy_gbps()
     release_memory()
@@ -628,7 +674,9 @@ def benchmark(args: argparse.Namespace) -> tuple[RunInfo, list[Row]]:
         for m in args.m:
             at_m = {peer: times[m] for peer, times in peer_us.items() if m in times}
             rows += [make_row(n, k, m, bits, args.group_size, args.dtype, ours[bits][m],
-                              baseline[m], at_m, copy_gbps, bcq.get(bits, {}).get(m))
+                              baseline[m], at_m, copy_gbps, bcq.get(bits, {}).get(m),
+                              cuflute_path(n, k, m, bits, args.group_size, args.dtype, props.name,
+                                           args.dense_cache))
                      for bits in args.bits]
         del xs
         release_memory()
@@ -638,7 +686,7 @@ def benchmark(args: argparse.Namespace) -> tuple[RunInfo, list[Row]]:
                    date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                    versions=package_versions(), dtype=args.dtype, group_size=args.group_size,
                    rotate_bytes=rotate, replays=args.replays, peers=peers,
-                   unavailable=unavailable, bcq=args.bcq)
+                   unavailable=unavailable, bcq=args.bcq, dense_cache=args.dense_cache)
     return info, rows
 
 
@@ -666,7 +714,7 @@ def run(args: argparse.Namespace) -> int:
         print_without_gpu(args, reason)
         return 0
     info, rows = benchmark(args)
-    print(render_text(*result_table(rows, info.dtype, info.peers, info.bcq)))
+    print(render_text(*result_table(rows, info.dtype, info.peers, info.bcq, info.dense_cache)))
     print()
     print("Median over the shapes:")
     print(render_text(*summary_table(summarize(rows), info.dtype, info.peers, info.bcq)))

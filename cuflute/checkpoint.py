@@ -3,7 +3,7 @@
 One safetensors file holds every tensor of ``model.state_dict()`` (tensors that share memory,
 such as tied embeddings, stored once) and, under the metadata key ``"cuflute"``, a JSON record::
 
-    {"format": "cuflute-quantized-model", "format_version": 2, "cuflute_version": "0.2.0",
+    {"format": "cuflute-quantized-model", "format_version": 2, "cuflute_version": "0.3.0",
      "layers": {"<module name>": {"in_features", "out_features", "bits", "group_size",
                                   "table", "dtype", "bias"}},      # QuantizedLinear.config()
      "tied":   {"<state-dict key>": "<stored key it shares memory with>"},

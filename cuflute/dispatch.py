@@ -6,6 +6,7 @@ import re
 import warnings
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 
@@ -20,6 +21,12 @@ DENSE = "dense"
 # The heuristic's threshold: on the H100 the best tile config beats the dense path at M = 128 and
 # loses to it at M = 256 (docs/PERF_NOTES.md, v16).
 DENSE_MIN_M = 256
+# Not a tile config either: cuBLAS over a W' held by cuflute.dense_cache, where that cache has a
+# limit set. Without a tuned table that says where it wins, from this many rows: on the H100 the
+# best tile config runs at 0.91 to 1.21x of cuBLAS fp16 at M = 64 and takes 1.4 to 1.9x its time
+# at 128 (BENCHMARKS.md), and a tuned bucket of 128 stands for 65 to 128 rows.
+DENSE_CACHED = "dense_cached"
+DENSE_CACHED_MIN_M = 65
 _ONE_ROW = TileConfig(nt=1, mt=1, wk=4, xs=X_ROW)
 _DECODE = TileConfig(nt=2, mt=1, wk=4, xs=X_WARP)
 _DECODE_WIDE_M = TileConfig(nt=2, mt=2, wk=4, xs=X_WARP)
@@ -44,13 +51,22 @@ def table_key(bits: int, group: int, dtype: str, n: int, k: int) -> tuple:
     return bits, group, dtype, n, k
 
 
+class TunedEntry(NamedTuple):
+    """One M bucket of a tuned shape: its winning config (a TileConfig or DENSE) and whether
+    cuBLAS over a held W' (DENSE_CACHED) beat it; None where the table did not time that."""
+
+    m: int
+    config: TileConfig | str
+    dense_cached_wins: bool | None
+
+
 @lru_cache(maxsize=None)
-def tuned_table(gpu_name: str) -> dict[tuple, list[tuple[int, TileConfig]]]:
-    """{(bits, group, dtype, n, k): [(m bucket, config), ...] ascending}; empty if none exists."""
+def tuned_table(gpu_name: str) -> dict[tuple, list[TunedEntry]]:
+    """{(bits, group, dtype, n, k): [TunedEntry, ...] by ascending m}; empty if none exists."""
     path = tuning_dir() / f"{gpu_slug(gpu_name)}.yaml"
     if not path.exists():
         return {}
-    table: dict[tuple, list[tuple[int, TileConfig]]] = {}
+    table: dict[tuple, list[TunedEntry]] = {}
     unknown = set()
     for e in yaml.safe_load(path.read_text())["entries"]:
         try:
@@ -59,7 +75,9 @@ def tuned_table(gpu_name: str) -> dict[tuple, list[tuple[int, TileConfig]]]:
             unknown.add(e["config"])  # a table tuned for another version's configs
             continue
         key = table_key(e["bits"], e["group"], e["dtype"], e["n"], e["k"])
-        table.setdefault(key, []).append((e["m"], config))
+        cached_us = e.get("dense_cached_us")
+        wins = None if cached_us is None else cached_us < e["us"]
+        table.setdefault(key, []).append(TunedEntry(e["m"], config, wins))
     if unknown:
         warnings.warn(f"{path} names tile configs this version does not build ({sorted(unknown)}); "
                       f"those entries are ignored: re-run `python -m cuflute tune`", stacklevel=2)
@@ -93,12 +111,16 @@ def heuristic_config(m: int, group: int) -> TileConfig | str:
 
 def select_config(m: int, n: int, k: int, bits: int, group: int, dtype: str,
                   gpu_name: str | None = None,
-                  max_shared_bytes: int | None = None) -> TileConfig | str:
-    """The tile config for y[m, n] = x[m, k] @ W'^T, or DENSE.
+                  max_shared_bytes: int | None = None,
+                  dense_cache: bool = False) -> TileConfig | str:
+    """The tile config for y[m, n] = x[m, k] @ W'^T, DENSE, or (``dense_cache``: a dense cache
+    limit is set) DENSE_CACHED.
 
     A tuned table for ``gpu_name`` answers for the shapes it holds, with the smallest tuned
     m bucket at or above m (the largest past the end, unless the heuristic says DENSE there);
-    anything else takes the heuristic. A choice whose shared memory exceeds
+    anything else takes the heuristic. With ``dense_cache``, DENSE_CACHED replaces DENSE, and
+    any config where the bucket measured cuBLAS over W' faster (or, where it did not time
+    that, from DENSE_CACHED_MIN_M rows). A choice whose shared memory exceeds
     ``max_shared_bytes`` (smaller on sm_86/sm_89 than on sm_80/sm_90) gives way to the config
     of least shared memory that takes m rows (the widest tile among equals, never a cluster
     config), which fits every target (DENSE needs only the LUT's). The heuristic never picks a
@@ -106,12 +128,18 @@ def select_config(m: int, n: int, k: int, bits: int, group: int, dtype: str,
     """
     rows = tuned_table(gpu_name).get(table_key(bits, group, dtype, n, k)) if gpu_name else None
     heuristic = heuristic_config(m, group)
-    if rows and (m <= rows[-1][0] or heuristic != DENSE):
-        config = next((config for bucket, config in rows if bucket >= m), rows[-1][1])
+    entry = None
+    if rows and (m <= rows[-1].m or heuristic != DENSE):
+        entry = next((row for row in rows if row.m >= m), rows[-1])
+        config = entry.config
         if config != DENSE and not config.takes(m):
             config = heuristic  # the largest bucket's config takes fewer rows than m
     else:
         config = heuristic
+    if dense_cache:
+        measured = None if entry is None else entry.dense_cached_wins
+        if config == DENSE or (m >= DENSE_CACHED_MIN_M if measured is None else measured):
+            return DENSE_CACHED
     if config == DENSE or max_shared_bytes is None or \
             KernelSpec(bits, group, dtype, config).shared_bytes <= max_shared_bytes:
         return config

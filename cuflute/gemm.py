@@ -6,11 +6,11 @@ import ctypes
 import os
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
-from . import interop
-from .dispatch import DENSE, parse_config, select_config
+from . import dense_cache, interop
+from .dispatch import DENSE, DENSE_CACHED, parse_config, select_config
 from .kernels import (CLUSTER_MIN_ARCH, DequantSpec, KernelSpec, TileConfig, builds_for, device_arch,
                       get_kernel)
 from .packing import TILE_N, PackedWeight
@@ -58,22 +58,31 @@ def check_operands(mat: interop.DeviceMatrix, packed) -> None:
         raise ValueError(f"x is on cuda:{mat.device}, the packed weight on cuda:{packed.device}")
 
 
-def qgemm(x, packed: PackedWeight, out=None, config: TileConfig | str | None = None):
+def qgemm(x, packed: PackedWeight, out=None, config: TileConfig | str | None = None, *,
+          use_dense_cache: bool = True):
     """``x [..., K] @ W'^T -> [..., N]`` for a packed weight on x's device.
 
     x is a CUDA torch tensor (returns a torch tensor) or a CuPy array (returns a CuPy array) of
     the packed weight's dtype. The kernel runs on the caller's current stream. ``config``
     forces a tile config, or ``"dense"`` (the tuner's use); by default the tuned table or the
     heuristic picks. Dense, at large M: W' is dequantized into a temporary [N, K] array and
-    multiplied by torch's or CuPy's matmul (cuBLAS), on the same stream.
+    multiplied by torch's or CuPy's matmul (cuBLAS), on the same stream. Where
+    ``cuflute.dense_cache`` has a limit set, the default pick may instead hold W' for the
+    weight's lifetime and multiply by it alone (``use_dense_cache=False``: not in this call).
     """
     mat = interop.as_device_matrix(x)
     check_operands(mat, packed)
     out, out_ptr = interop.output(mat, packed.n, out)
     if mat.m == 0 or packed.n == 0:
         return out
-    plan = launch_plan(packed, mat.m, config)
+    plan = launch_plan(packed, mat.m, config, use_dense_cache)
     stream = interop.stream_ptr(mat)
+    if plan.held:
+        w = _held_dense(mat, packed, plan, stream)
+        if w is not None:
+            interop.matmul_transposed(mat, w, out)
+            return out
+        plan = plan.fallback
     if plan.dense:
         _dense_gemm(mat, packed, plan, out, stream)
         return out
@@ -97,6 +106,17 @@ def _dense_gemm(mat: interop.DeviceMatrix, packed: PackedWeight, plan: "LaunchPl
         n = min(rows, packed.n - n0)
         _dequantize_rows(plan, packed, n0, n, interop.address(mat, w), stream)
         interop.matmul_transposed(mat, w[:n], out, n0)
+
+
+def _held_dense(mat: interop.DeviceMatrix, packed: PackedWeight, plan: "LaunchPlan", stream: int):
+    """packed's W' held by dense_cache, written there first if the limit has room for it and
+    the stream is not being captured; None otherwise (the call takes plan.fallback)."""
+    w = dense_cache.get(packed, mat.kind)
+    if w is None and dense_cache.admits(packed) and not interop.capturing(mat):
+        w = interop.empty(mat, (packed.n, packed.k))
+        _dequantize_rows(plan, packed, 0, packed.n, interop.address(mat, w), stream)
+        dense_cache.put(packed, mat.kind, w)
+    return w
 
 
 def _dequant_grid(n: int, k_chunks: int) -> tuple[int, int, int]:
@@ -148,42 +168,54 @@ class LaunchPlan:
     dense: bool
     # launched as a programmatic dependent launch (lut_gemm on compute capability 9.0 and later)
     programmatic: bool = False
+    # dispatch.DENSE_CACHED: cuBLAS over the W' that dense_cache holds (function writes it the
+    # first time), else the plan of the pick without the cache, fallback
+    held: bool = False
+    fallback: "LaunchPlan | None" = None
 
 
-# (id(packed), M, config) -> (weak reference to packed, LaunchPlan). A PackedWeight is frozen,
-# so while the reference still points at the very object, everything the plan was made from
-# (its arrays, shapes, dtype and device) is unchanged; a dead or reused id makes a new plan.
+# (id(packed), M, config, dense cache on) -> (weak reference to packed, LaunchPlan). A
+# PackedWeight is frozen, so while the reference still points at the very object, everything the
+# plan was made from (its arrays, shapes, dtype and device) is unchanged; a dead or reused id
+# makes a new plan.
 _PLANS: dict[tuple, tuple[weakref.ref, LaunchPlan]] = {}
 _MAX_PLANS = 4096
 
 
-def launch_plan(packed: PackedWeight, m: int, config: TileConfig | str | None) -> LaunchPlan:
-    """What qgemm launches for ``packed`` at M = m (cached per packed object, M and config)."""
-    key = (id(packed), m, config)
+def launch_plan(packed: PackedWeight, m: int, config: TileConfig | str | None,
+                dense_cache_allowed: bool = True) -> LaunchPlan:
+    """What qgemm launches for ``packed`` at M = m (cached per packed object, M, config and
+    whether dense_cache is on and allowed)."""
+    held = config is None and dense_cache_allowed and dense_cache.enabled()
+    key = (id(packed), m, config, held)
     entry = _PLANS.get(key)
     if entry is not None and entry[0]() is packed:
         return entry[1]
-    plan = _new_plan(packed, m, config)
+    plan = _new_plan(packed, m, config, held)
     if len(_PLANS) >= _MAX_PLANS:
         _PLANS.clear()
     _PLANS[key] = (weakref.ref(packed), plan)
     return plan
 
 
-def _new_plan(packed: PackedWeight, m: int, config: TileConfig | str | None) -> LaunchPlan:
+def _new_plan(packed: PackedWeight, m: int, config: TileConfig | str | None,
+              dense_cache_on: bool) -> LaunchPlan:
     device = packed.device
     props = device_properties(device)
     if isinstance(config, str):
         config = parse_config(config)
     tile = config or select_config(
         m, packed.n, packed.k, packed.bits, packed.kernel_group, packed.dtype,
-        device_name(device), props["sharedMemPerBlockOptin"])
+        device_name(device), props["sharedMemPerBlockOptin"], dense_cache_on)
     weights = (packed.qweight.data.ptr, packed.scales.data.ptr, packed.pair_lut.data.ptr)
     sizes = (m, packed.n, packed.k, packed.k_chunks, packed.n_groups)
-    if tile == DENSE:
+    if tile in (DENSE, DENSE_CACHED):
         spec = DequantSpec(packed.bits, packed.kernel_group, packed.dtype)
-        return LaunchPlan(get_kernel(spec, device), _dequant_grid(packed.n, packed.k_chunks),
+        plan = LaunchPlan(get_kernel(spec, device), _dequant_grid(packed.n, packed.k_chunks),
                           spec.threads, spec.shared_bytes, weights, sizes, dense=True)
+        if tile == DENSE_CACHED:
+            plan = replace(plan, held=True, fallback=_new_plan(packed, m, None, False))
+        return plan
     if not tile.takes(m):
         raise ValueError(f"tile config {tile} takes at most {tile.max_m} rows of x, got M = {m}")
     spec = KernelSpec(packed.bits, packed.kernel_group, packed.dtype, tile)

@@ -170,6 +170,16 @@ def check_output(out, mat: DeviceMatrix, n: int):
     return ptr
 
 
+def capturing(mat: DeviceMatrix) -> bool:
+    """Whether the stream that stream_ptr names is capturing a CUDA graph."""
+    if mat.kind == "torch":
+        with _torch().cuda.device(mat.device):
+            return _torch().cuda.is_current_stream_capturing()
+    import cupy
+
+    return cupy.cuda.get_current_stream(mat.device).is_capturing()
+
+
 def stream_ptr(mat: DeviceMatrix) -> int:
     """The handle of the stream to launch on: torch's current stream on x's device for torch,
     CuPy's current one there for CuPy."""

@@ -124,6 +124,9 @@ TILE_CONFIGS = (
     TileConfig(nt=2, mt=1, wk=4, xs=X_WARP),
     TileConfig(nt=2, mt=2, wk=4, xs=X_WARP),
     TileConfig(nt=2, mt=4, wk=2, xs=X_WARP),
+    # four n tiles a warp: half again the x reads from shared memory each weight byte needs, for
+    # 168 KiB (4-bit), one CTA an SM (M = 16 and 32: docs/PERF_NOTES.md v22)
+    TileConfig(nt=4, mt=2, wk=4, xs=X_WARP),
     # x copied once for the warps side by side along n: M >= 16, where x fills L2; 16 LUT
     # copies (half the bytes, some bank conflicts) for more CTAs an SM
     TileConfig(nt=1, mt=2, wn=4, wk=1, xs=X_SHARED),
@@ -142,9 +145,10 @@ TILE_CONFIGS = (
 
 
 def instantiated(group: int, tile: TileConfig) -> bool:
-    """Whether (kernel GROUP, tile) is compiled: four m tiles with scale groups of 32 or 64 k
-    need more than 255 registers (ptxas spills on sm_80 to sm_90), so those pairs are not."""
-    return tile.mt < 4 or group not in (32, 64)
+    """Whether (kernel GROUP, tile) is compiled: four m tiles, or four n tiles of two, with scale
+    groups of 32 or 64 k need more than 255 registers (ptxas spills on sm_80 to sm_90; 3-bit
+    bfloat16 nt4_mt2 with groups of 64 on sm_90), so those pairs are not."""
+    return tile.mt * tile.nt < 8 or group not in (32, 64)
 
 
 def tile_config_from_name(text: str) -> TileConfig:

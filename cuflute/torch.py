@@ -114,7 +114,9 @@ def _qgemm(x, qweight, scales, pair_lut, n, k, bits, group_size, dtype):
     until that one is loaded, which the first call with a CUDA tensor sets off."""
     if _native is None and getattr(x, "is_cuda", False):
         native_launcher()
-    return gemm.qgemm(x, _packed_view(x, qweight, scales, pair_lut, n, k, bits, group_size, dtype))
+    # not through the dense cache: the view's tensors are module buffers that may be rewritten
+    return gemm.qgemm(x, _packed_view(x, qweight, scales, pair_lut, n, k, bits, group_size, dtype),
+                      use_dense_cache=False)
 
 
 def _native_plan(x, qweight, scales, pair_lut, n, k, bits, group_size, dtype):
@@ -123,7 +125,7 @@ def _native_plan(x, qweight, scales, pair_lut, n, k, bits, group_size, dtype):
     packed = _packed_view(x, qweight, scales, pair_lut, n, k, bits, group_size, dtype)
     mat = interop.as_device_matrix(x)
     gemm.check_operands(mat, packed)
-    plan = gemm.launch_plan(packed, mat.m, None)
+    plan = gemm.launch_plan(packed, mat.m, None, dense_cache_allowed=False)
     if plan.dense:
         return None
     return (plan.function.ptr, *plan.grid, plan.threads, plan.shared_bytes, *plan.sizes[3:],

@@ -11,6 +11,10 @@ A sweep file::
     dtypes: [float16]
     m_buckets: [1, 4, 16, 32, 64, 128]
     candidates: all                           # or a list like [nt1_mt1_wk8_s2, dense]
+
+With ``dense`` among the candidates, each bucket from 32 rows also records ``dense_cached_us``:
+cuBLAS over the dequantized weight, which the dispatcher runs instead where that is faster and
+``cuflute.dense_cache`` has a limit set.
 """
 from __future__ import annotations
 
@@ -24,10 +28,10 @@ import numpy as np
 import yaml
 
 from . import bench, reference
-from .dispatch import DENSE, gpu_slug, heuristic_config, parse_config, tuning_dir
+from .dispatch import DENSE, DENSE_CACHED, gpu_slug, heuristic_config, parse_config, tuning_dir
 from .dtypes import DTYPES
 from .formats import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
-from .gemm import device_properties, qgemm
+from .gemm import dequantize, device_properties, qgemm
 from .kernels import TILE_CONFIGS, KernelSpec, TileConfig, builds_for, device_arch, instantiated
 from .packing import TILE_N, packed_nbytes, random_packed
 
@@ -84,6 +88,14 @@ def useful_at(config: TileConfig | str, m: int) -> bool:
     return config.block_m <= max(8, 2 * m) and config.takes(m)
 
 
+def _torch_dense(packed, dtype: str):
+    """W' of a packed weight as a torch tensor of ``dtype`` (cuflute.dequantize's array)."""
+    import torch
+
+    w = torch.from_dlpack(dequantize(packed))
+    return w.view(torch.bfloat16) if dtype == "bfloat16" else w
+
+
 def _rel_error(y: np.ndarray, ref: np.ndarray) -> float:
     return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
 
@@ -112,27 +124,39 @@ def tune_problem(n, k, bits, group_size, dtype, sweep: Sweep, rotate_bytes, repl
         return builds_for(spec, device_arch(props)) and spec.shared_bytes <= props["sharedMemPerBlockOptin"]
 
     fitting = [c for c in sweep.candidates if runs_here(c)]
+    # W' of each copy, for timing cuBLAS over it as dense_cache would hold it (DENSE_CACHED)
+    held_ms = [m for m in sweep.m_buckets if DENSE in sweep.candidates and useful_at(DENSE, m)]
+    dense = [_torch_dense(w, dtype) for w in weights] if held_ms else []
     entries = []
     for m in sweep.m_buckets:
         x = torch.randn(m, k, dtype=getattr(torch, dtype), device="cuda")
         ref = reference.qgemm(x.double().cpu().numpy(), sample)
+        check_rows = torch.as_tensor(rows, device="cuda")
+
+        def check(y, what):
+            err = _rel_error(y[:, check_rows].double().cpu().numpy(), ref)
+            if not err < reference.REL_ERROR_BOUND[dtype]:
+                raise RuntimeError(f"{what} is wrong for {n=} {k=} {bits=} group={group_size} "
+                                   f"{dtype} {m=}: relative error {err:.2e}")
+
         times = {}
         for config in [c for c in fitting if useful_at(c, m)]:
             bar.set_description(f"{n}x{k} {bits}-bit M={m} {config}")
-            y = qgemm(x, weights[0], config=config)[:, torch.as_tensor(rows, device="cuda")]
-            err = _rel_error(y.double().cpu().numpy(), ref)
-            if not err < reference.REL_ERROR_BOUND[dtype]:
-                raise RuntimeError(f"{config} is wrong for {n=} {k=} {bits=} group={group_size} "
-                                   f"{dtype} {m=}: relative error {err:.2e}")
+            check(qgemm(x, weights[0], config=config), config)
             calls = [partial(qgemm, x, w, out=x.new_empty(m, n), config=config) for w in weights]
             times[config] = bench.time_graph_us(calls, replays)
         bar.update(len(sweep.candidates))
         best = min(times, key=times.get)
         heuristic_us = times.get(heuristic_config(m, group_arg))
-        entries.append({"bits": bits, "group": group_arg, "dtype": dtype,
-                        "n": n, "k": k, "m": m, "config": str(best), "us": round(times[best], 2),
-                        "heuristic_us": None if heuristic_us is None else round(heuristic_us, 2)})
-    del weights
+        entry = {"bits": bits, "group": group_arg, "dtype": dtype,
+                 "n": n, "k": k, "m": m, "config": str(best), "us": round(times[best], 2),
+                 "heuristic_us": None if heuristic_us is None else round(heuristic_us, 2)}
+        if m in held_ms:
+            check(x @ dense[0].t(), DENSE_CACHED)
+            calls = [partial(torch.mm, x, w.t(), out=x.new_empty(m, n)) for w in dense]
+            entry["dense_cached_us"] = round(bench.time_graph_us(calls, replays), 2)
+        entries.append(entry)
+    del weights, dense
     bench.release_memory()
     return entries
 

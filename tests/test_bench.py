@@ -102,6 +102,23 @@ def test_make_row_arithmetic():
     assert r.bnb_nf4_us is None and r.bnb_nf4_x is None
 
 
+def test_held_dense_rows_count_the_dense_weight_and_show_their_path():
+    held = bench.make_row(4096, 4096, 128, 4, 128, "float16", 20.0, 20.0, {}, 3000.0, path="held W'")
+    assert held.bytes == bench.dense_call_bytes(4096, 4096, 128)
+    header, cells = bench.result_table([held, row(m=128)], "float16", [], path=True)
+    assert header[:6] == ["N", "K", "M", "bits", "path", "us"]
+    assert [c[4] for c in cells] == ["held W'", "kernel"]
+    assert "path" not in bench.result_table([held], "float16", [])[0]
+
+
+def test_cuflute_path_is_the_dispatchers_pick():
+    from cuflute.dispatch import DENSE_CACHED_MIN_M, DENSE_MIN_M
+
+    path = lambda m, held: bench.cuflute_path(4096, 4096, m, 4, 128, "float16", "No GPU", held)
+    assert path(1, True) == path(DENSE_CACHED_MIN_M, False) == "kernel"
+    assert path(DENSE_CACHED_MIN_M, True) == "held W'" and path(DENSE_MIN_M, False) == "dense"
+
+
 def test_summary_is_the_median_over_shapes_per_m_and_bits():
     rows = [row(n=n, m=m, bits=bits, us=us, baseline_us=30.0,
                 peers={"torch-int4": 60.0} if n == 4096 else {})

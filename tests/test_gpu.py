@@ -382,3 +382,84 @@ def test_first_launch_from_a_new_thread():
     for kind, out in outs.items():
         err = _rel_error(out.double().cpu().numpy(), x64 @ w64.T)
         assert err < REL_ERROR_BOUND["float16"], f"{kind}: {err:.2e}"
+
+
+@pytest.fixture
+def held_dense():
+    """cuflute.dense_cache with room for 16 MiB; emptied and switched off afterwards."""
+    from cuflute import dense_cache
+
+    dense_cache.set_limit(16 << 20)
+    yield dense_cache
+    dense_cache.set_limit(0)
+    dense_cache.clear()
+
+
+def _held_case(m, seed):
+    """A fresh weight of a shape no tuned table holds (the heuristic holds W' from
+    DENSE_CACHED_MIN_M rows), x and a NaN-poisoned out."""
+    packed, w64 = _weight.__wrapped__(1000, 1280, 4, 128, "float16")
+    x64 = _random_x(m, 1280, "float16", seed=seed)
+    out = torch.full((m, 1000), float("nan"), dtype=torch.float16, device="cuda")
+    return packed, w64, x64, out
+
+
+def test_held_dense_weight_serves_both_frameworks_and_goes_with_the_weight(held_dense):
+    import gc
+
+    import cupy
+
+    from cuflute.dispatch import DENSE_CACHED_MIN_M
+
+    packed, w64, x64, out = _held_case(DENSE_CACHED_MIN_M, seed=21)
+    assert gemm.launch_plan(packed, DENSE_CACHED_MIN_M, None).held
+    assert not gemm.launch_plan(packed, DENSE_CACHED_MIN_M - 1, None).held
+    cuflute.qgemm(_to_torch(x64, "float16"), packed, out=out)  # writes W', then cuBLAS
+    assert held_dense.held_bytes() == 2 * 1000 * 1280
+    held = held_dense.get(packed, "torch")
+    assert held is not None and held.shape == (1000, 1280)
+    assert _rel_error(held.double().cpu().numpy(), w64) < REL_ERROR_BOUND["float16"]
+    for seed in (22, 23):  # reads the held W' from torch and from CuPy
+        x64 = _random_x(DENSE_CACHED_MIN_M, 1280, "float16", seed=seed)
+        out.fill_(float("nan"))
+        y = cuflute.qgemm(_to_torch(x64, "float16"), packed, out=out)
+        y_cupy = cuflute.qgemm(cupy.asarray(x64.astype(np.float16)), packed)
+        for y64 in (y.double().cpu().numpy(), cupy.asnumpy(y_cupy).astype(np.float64)):
+            assert np.all(np.isfinite(y64))
+            assert _rel_error(y64, x64 @ w64.T) < REL_ERROR_BOUND["float16"]
+    assert held_dense.held_bytes() == 2 * 1000 * 1280
+    del packed, held, y
+    gc.collect()
+    torch.cuda.synchronize()
+    assert held_dense.held_bytes() == 0
+
+
+def test_a_weight_past_the_limit_keeps_its_tile_config(held_dense):
+    held_dense.set_limit(2 * 1000 * 1280 - 1)
+    packed, w64, x64, out = _held_case(128, seed=24)
+    cuflute.qgemm(_to_torch(x64, "float16"), packed, out=out)
+    assert held_dense.held_bytes() == 0 and held_dense.get(packed, "torch") is None
+    assert _rel_error(out.double().cpu().numpy(), x64 @ w64.T) < REL_ERROR_BOUND["float16"]
+
+
+def test_nothing_is_held_while_a_graph_is_captured(held_dense):
+    """A capture that finds no W' held records the tile config's launch, and the graph replays
+    it with fresh inputs."""
+    packed, w64, x64, out = _held_case(128, seed=25)
+    x = _to_torch(x64, "float16")
+    held_dense.set_limit(1)  # the plan and its kernels made outside the capture, nothing held
+    cuflute.qgemm(x, packed, out=out)
+    held_dense.set_limit(16 << 20)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
+        cuflute.qgemm(x, packed, out=out)
+    torch.cuda.current_stream().wait_stream(side)
+    assert held_dense.held_bytes() == 0
+    x64 = _random_x(128, 1280, "float16", seed=26)
+    x.copy_(_to_torch(x64, "float16"))
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert _rel_error(out.double().cpu().numpy(), x64 @ w64.T) < REL_ERROR_BOUND["float16"]

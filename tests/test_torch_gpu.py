@@ -134,11 +134,11 @@ def test_native_launcher_takes_the_ops_cuda_calls_and_matches_qgemm():
                                     layer.pair_lut, 200, 768, bits, layer.group_size, dtype)
 
 
-def test_native_launcher_runs_a_cluster_config(tmp_path, monkeypatch):
+def test_native_launcher_runs_a_cluster_config(tuned_table_file):
     """Where the tuned table names a config that splits K over thread-block clusters (sm_90), the
     C++ launcher's launch (its grid's z the cluster) gives what cuflute.qgemm gives with that
     config forced, bit for bit, and the reference's result."""
-    from cuflute import dispatch, gemm
+    from cuflute import gemm
     from cuflute.kernels import CLUSTER_MIN_ARCH, TILE_CONFIGS, device_arch
     from cuflute.torch import native_launcher
 
@@ -148,25 +148,18 @@ def test_native_launcher_runs_a_cluster_config(tmp_path, monkeypatch):
     if native is None:
         pytest.skip("the C++ launcher cannot be built here (see the warning)")
     config = next(c for c in TILE_CONFIGS if c.needs_clusters and c.mt == 2)
-    name = gemm.device_name(0)
-    (tmp_path / f"{dispatch.gpu_slug(name)}.yaml").write_text(
-        f"gpu: {name}\nentries:\n"
-        f"- {{bits: 4, group: 128, dtype: float16, n: 208, k: 1024, m: 16, config: {config}, us: 1.0}}\n")
-    monkeypatch.setenv("CUFLUTE_TUNING_DIR", str(tmp_path))
-    dispatch.tuned_table.cache_clear()
-    try:
-        layer = QuantizedLinear.from_linear(_linear(1024, 208, torch.float16, seed=13), 4, 128)
-        x = _random_x((16, 1024), torch.float16, 8)
-        assert gemm.launch_plan(layer.packed(), 16, None).grid[2] == config.ks
-        plans = native.plan_count()
-        got = layer(x)
-        assert native.plan_count() > plans, "the call did not go through the C++ launcher"
-        want = torch.full((16, 208), float("nan"), dtype=torch.float16, device="cuda")
-        cuflute.qgemm(x, layer.packed(), out=want, config=config)
-        assert torch.equal(got, want.add_(layer.bias))
-        assert _rel_error(got, _reference(layer, x)) < REL_ERROR_BOUND["float16"]
-    finally:
-        dispatch.tuned_table.cache_clear()
+    tuned_table_file(gemm.device_name(0), [
+        f"{{bits: 4, group: 128, dtype: float16, n: 208, k: 1024, m: 16, config: {config}, us: 1.0}}"])
+    layer = QuantizedLinear.from_linear(_linear(1024, 208, torch.float16, seed=13), 4, 128)
+    x = _random_x((16, 1024), torch.float16, 8)
+    assert gemm.launch_plan(layer.packed(), 16, None).grid[2] == config.ks
+    plans = native.plan_count()
+    got = layer(x)
+    assert native.plan_count() > plans, "the call did not go through the C++ launcher"
+    want = torch.full((16, 208), float("nan"), dtype=torch.float16, device="cuda")
+    cuflute.qgemm(x, layer.packed(), out=want, config=config)
+    assert torch.equal(got, want.add_(layer.bias))
+    assert _rel_error(got, _reference(layer, x)) < REL_ERROR_BOUND["float16"]
 
 
 def _mlp(dtype="float16", seed=0):
@@ -346,3 +339,22 @@ def test_host_timing_leaves_the_garbage_collector_as_it_found_it(collecting, mon
     assert set(times) == {"cuflute.qgemm(x, packed)", "torch.ops.cuflute.qgemm",
                           "QuantizedLinear(x)", "x + x (torch)"}
     assert all(t > 0 for t in times.values()), times
+
+
+def test_the_op_does_not_hold_module_weights_dense():
+    """With cuflute.dense_cache on, QuantizedLinear's calls past DENSE_CACHED_MIN_M rows still
+    hold nothing: its buffers can be rewritten in place (load_state_dict), which a held W' would
+    miss. A rewritten weight is read as rewritten."""
+    from cuflute import dense_cache
+
+    dense_cache.set_limit(64 << 20)
+    try:
+        layer = QuantizedLinear.from_linear(_linear(1280, 1000, torch.float16, seed=31), 4, 128)
+        other = QuantizedLinear.from_linear(_linear(1280, 1000, torch.float16, seed=32), 4, 128)
+        x = _random_x((128, 1280), torch.float16, 9)
+        assert _rel_error(layer(x), _reference(layer, x)) < REL_ERROR_BOUND["float16"]
+        layer.load_state_dict(other.state_dict())
+        assert _rel_error(layer(x), _reference(other, x)) < REL_ERROR_BOUND["float16"]
+        assert dense_cache.held_bytes() == 0
+    finally:
+        dense_cache.set_limit(0)
