@@ -190,19 +190,3 @@ def stream_ptr(mat: DeviceMatrix) -> int:
     import cupy
 
     return cupy.cuda.get_current_stream(mat.device).ptr
-
-
-@lru_cache(maxsize=64)
-def _external_stream(ptr: int, device: int):
-    import cupy
-
-    return cupy.cuda.ExternalStream(ptr, device)
-
-
-def launch_stream(mat: DeviceMatrix):
-    """stream_ptr's stream as a CuPy stream object, for cupy.cuda.Function calls."""
-    if mat.kind == "torch":
-        return _external_stream(stream_ptr(mat), mat.device)
-    import cupy
-
-    return cupy.cuda.get_current_stream(mat.device)

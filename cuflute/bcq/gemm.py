@@ -3,10 +3,8 @@ in, torch out; CuPy in, CuPy out; the caller's stream; no host synchronization, 
 allocation beyond the output (none with ``out=``), so it can be graph-captured."""
 from __future__ import annotations
 
-import numpy as np
-
 from .. import interop
-from ..gemm import check_operands, device_properties
+from ..gemm import check_operands, device_properties, launch
 from ..kernels import get_kernel
 from .kernels import M_TILES, BCQSpec
 from .packing import BCQPacked
@@ -61,16 +59,9 @@ def gemm(x, packed: BCQPacked, out=None, spec: BCQSpec | None = None):
         raise ValueError(f"{spec} needs {spec.shared_bytes} bytes of shared memory, "
                          f"cuda:{mat.device} allows {props['sharedMemPerBlockOptin']}")
     grid = (-(-packed.n // spec.rows), -(-mat.m // spec.m_tile), 1)
-    kernel = get_kernel(spec, mat.device)
-    args = (
-        np.uint64(mat.ptr), np.int64(mat.row_stride), packed.qweight, packed.alphas,
-        np.uint64(out_ptr), np.int32(mat.m), np.int32(packed.n), np.int32(packed.k),
-        np.int32(packed.k_supers), np.int32(packed.n_groups), np.int32(packed.group_shift),
-        np.int32(packed.has_offset),
-    )
-    import cupy
-
-    with cupy.cuda.Device(mat.device):
-        kernel(grid, (spec.threads, 1, 1), args, shared_mem=spec.shared_bytes,
-               stream=interop.launch_stream(mat))
+    args = (mat.ptr, mat.row_stride, packed.qweight.data.ptr, packed.alphas.data.ptr, out_ptr,
+            mat.m, packed.n, packed.k, packed.k_supers, packed.n_groups, packed.group_shift,
+            int(packed.has_offset))
+    launch(get_kernel(spec, mat.device), grid, spec.threads, spec.shared_bytes,
+           interop.stream_ptr(mat), mat.device, args)
     return out
