@@ -145,9 +145,10 @@ TILE_CONFIGS = (
 
 
 def instantiated(group: int, tile: TileConfig) -> bool:
-    """Whether (kernel GROUP, tile) is compiled: four m tiles, or four n tiles of two, with scale
-    groups of 32 or 64 k need more than 255 registers (ptxas spills on sm_80 to sm_90; 3-bit
-    bfloat16 nt4_mt2 with groups of 64 on sm_90), so those pairs are not."""
+    """Whether (kernel GROUP, tile) is compiled: eight 16 x 8 tiles a warp (four m tiles of two
+    n tiles, or four n tiles of two m tiles) with scale groups of 32 or 64 k need more than 255
+    registers (ptxas spills on sm_80 to sm_90; nt4_mt2: 3-bit bfloat16 with groups of 64 on
+    sm_90), so those pairs are not."""
     return tile.mt * tile.nt < 8 or group not in (32, 64)
 
 
