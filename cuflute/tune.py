@@ -127,11 +127,11 @@ def tune_problem(n, k, bits, group_size, dtype, sweep: Sweep, rotate_bytes, repl
     # W' of each copy, for timing cuBLAS over it as dense_cache would hold it (DENSE_CACHED)
     held_ms = [m for m in sweep.m_buckets if DENSE in sweep.candidates and useful_at(DENSE, m)]
     dense = [_torch_dense(w, dtype) for w in weights] if held_ms else []
+    check_rows = torch.as_tensor(rows, device="cuda")
     entries = []
     for m in sweep.m_buckets:
         x = torch.randn(m, k, dtype=getattr(torch, dtype), device="cuda")
         ref = reference.qgemm(x.double().cpu().numpy(), sample)
-        check_rows = torch.as_tensor(rows, device="cuda")
 
         def check(y, what):
             err = _rel_error(y[:, check_rows].double().cpu().numpy(), ref)
