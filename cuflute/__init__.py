@@ -2,7 +2,7 @@
 
 Nothing here touches a GPU at import time: kernels compile on first use.
 """
-__version__ = "0.3.0"
+__version__ = "0.3.1"
 
 from . import dense_cache
 from .formats import QuantizedWeight, int_table, nf_table, quantize

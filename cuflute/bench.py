@@ -1,10 +1,14 @@
 """``python -m cuflute bench``: cuflute against cuBLAS and the peers that import here.
 
 Method (DESIGN.md section 5). Each method's weights rotate over enough distinct copies to
-overflow L2; one CUDA graph captures one call per copy in sequence, and the median replay
-time (after warm-up) divided by the number of copies is the time per call. The bytes of a
-call are the packed weight (qweight + scales + pair LUT) plus activations ``M*K*2`` and
-output ``M*N*2``; the roofline fraction divides the achieved bandwidth by the
+overflow L2; one CUDA graph captures one call per copy in sequence, that sequence repeated until
+the graph holds at least ``--graph-calls`` calls, and the median replay time (after warm-up)
+divided by the calls in the graph is the time per call. A replay is timed from an idle stream,
+so its time includes the host's launch of the graph, about 8 us on the H100 machine before the
+first kernel starts: over one call a copy (``--graph-calls 1``, as up to cuflute 0.3.0) that was
+about 4 us of each call of the largest shapes, which rotate over two copies (docs/PERF_NOTES.md
+v23). The bytes of a call are the packed weight (qweight + scales + pair LUT) plus activations
+``M*K*2`` and output ``M*N*2``; the roofline fraction divides the achieved bandwidth by the
 device-to-device copy bandwidth measured at the start of the same run (bytes read + written).
 
 BCQ (cuflute.bcq, LUT-GEMM's binary-coding kernel) at the same bits is timed the same way on
@@ -50,6 +54,7 @@ DEFAULT_M = (1, 4, 16, 32, 64, 128)
 DEFAULT_BITS = (4, 3)
 DEFAULT_GROUP_SIZE = 128
 DEFAULT_REPLAYS = 20
+DEFAULT_GRAPH_CALLS = 16
 WARMUP_RUNS = 3
 COPY_BYTES = 2 << 30  # large enough that the copy runs at DRAM speed, far past any L2
 COPY_REPEATS = 10
@@ -127,6 +132,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "e.g. 512MiB (default: twice the GPU's L2)")
     parser.add_argument("--replays", type=positive_int, default=DEFAULT_REPLAYS,
                         help="timed graph replays per measurement (default: %(default)s)")
+    parser.add_argument("--graph-calls", type=positive_int, default=DEFAULT_GRAPH_CALLS,
+                        help="calls each timed graph holds at least, the weight copies in turn "
+                             "(default: %(default)s; 1: one call a copy, as up to cuflute 0.3.0)")
     parser.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
                         help="also time " + " and ".join(PEERS) + " where they import")
     parser.add_argument("--bcq", action=argparse.BooleanOptionalAction, default=True,
@@ -314,6 +322,7 @@ class RunInfo:
     group_size: int
     rotate_bytes: int
     replays: int
+    graph_calls: int  # the fewest calls a timed graph holds (the copies in turn, repeated)
     peers: list  # the peers tried
     unavailable: dict  # peer -> why it has no numbers
     bcq: bool = False  # whether cuflute.bcq was timed beside
@@ -346,7 +355,7 @@ def markdown_report(info: RunInfo, rows: list[Row]) -> str:
         "(device-to-device, bytes read + written)",
         f"- {info.dtype} activations, group size {info.group_size}; weights rotated over "
         f"{info.rotate_bytes / 2**20:.0f} MiB of copies per method; median of {info.replays} "
-        "CUDA-graph replays",
+        f"CUDA-graph replays of at least {info.graph_calls} calls (the copies in turn)",
         "- roofline = (packed weight + activations + output bytes) / time / copy bandwidth",
     ]
     if info.dense_cache:
@@ -464,14 +473,23 @@ def capture_graph(fn, warmups):
     return graph
 
 
-def time_graph_us(calls: list, replays: int) -> float:
-    """Median microseconds per call, the calls captured in sequence into one CUDA graph."""
+def graph_repeats(copies: int, graph_calls: int) -> int:
+    """How many times a timed graph runs the sequence of one call a copy: at least graph_calls calls."""
+    return -(-graph_calls // copies)
+
+
+def time_graph_us(calls: list, replays: int, graph_calls: int = DEFAULT_GRAPH_CALLS) -> float:
+    """Median microseconds per call, the calls captured in sequence into one CUDA graph, the
+    sequence repeated until the graph holds at least ``graph_calls`` of them."""
+    repeats = graph_repeats(len(calls), graph_calls)
+
     def run_all():
-        for call in calls:
-            call()
+        for _ in range(repeats):
+            for call in calls:
+                call()
 
     graph = capture_graph(run_all, calls)
-    return median_event_ms(graph.replay, replays) * 1e3 / len(calls)
+    return median_event_ms(graph.replay, replays) * 1e3 / (repeats * len(calls))
 
 
 def cuflute_calls(n, k, bits, group_size, dtype, copies):
@@ -550,21 +568,22 @@ def bcq_calls(n, k, bits, group_size, dtype, copies):
     return make_calls
 
 
-def time_method(make_calls, xs: dict, replays: int, bar, label: str) -> dict[int, float]:
+def time_method(make_calls, xs: dict, replays: int, graph_calls: int, bar,
+                label: str) -> dict[int, float]:
     """{M: median us per call}; make_calls(x) gives one call per weight copy."""
     times = {}
     for m, x in xs.items():
         bar.set_description(f"{label} M={m}")
-        times[m] = time_graph_us(make_calls(x), replays)
+        times[m] = time_graph_us(make_calls(x), replays, graph_calls)
     bar.update()
     return times
 
 
-def time_peer(peer: str, build, xs: dict, replays: int, bar, label: str,
+def time_peer(peer: str, build, xs: dict, replays: int, graph_calls: int, bar, label: str,
               unavailable: dict) -> dict[int, float]:
     """time_method(build(), ...), except that a peer that raises is noted, never fatal."""
     try:
-        return time_method(build(), xs, replays, bar, label)
+        return time_method(build(), xs, replays, graph_calls, bar, label)
     except Exception as exc:  # a peer's API drift or shape limits are not this run's failure
         unavailable.setdefault(peer, f"{label}: {first_line(exc)}")
         bar.update()
@@ -649,12 +668,12 @@ def _benchmark(args: argparse.Namespace, props) -> tuple[RunInfo, list[Row]]:
         label = f"{n}x{k}"
         baseline = time_method(
             cublas_calls(n, k, args.dtype, rotation_copies(rotate, 2 * n * k)),
-            xs, args.replays, bar, f"{label} cuBLAS {base}")
+            xs, args.replays, args.graph_calls, bar, f"{label} cuBLAS {base}")
         builds = {
             "torch-int4": lambda: torch_int4_calls(n, k, args.group_size, four_bit),
             "bnb-nf4": lambda: bnb_nf4_calls(n, k, args.group_size, args.dtype, four_bit),
         }
-        peer_us = {peer: time_peer(peer, builds[peer], xs, args.replays, bar,
+        peer_us = {peer: time_peer(peer, builds[peer], xs, args.replays, args.graph_calls, bar,
                                    f"{label} {peer}", unavailable) for peer in peers}
         release_memory()
         ours = {}
@@ -662,14 +681,15 @@ def _benchmark(args: argparse.Namespace, props) -> tuple[RunInfo, list[Row]]:
             copies = rotation_copies(rotate, packed_nbytes(n, k, bits, args.group_size))
             ours[bits] = time_method(
                 cuflute_calls(n, k, bits, args.group_size, args.dtype, copies),
-                xs, args.replays, bar, f"{label} cuflute {bits}-bit")
+                xs, args.replays, args.graph_calls, bar, f"{label} cuflute {bits}-bit")
             release_memory()
         bcq = {}
         for bits in args.bits if bcq_ms else []:
             copies = rotation_copies(rotate, bcq_packed_nbytes(n, k, bits, args.group_size))
             bcq[bits] = time_method(
                 bcq_calls(n, k, bits, args.group_size, args.dtype, copies),
-                {m: xs[m] for m in bcq_ms}, args.replays, bar, f"{label} cuflute.bcq {bits}-bit")
+                {m: xs[m] for m in bcq_ms}, args.replays, args.graph_calls, bar,
+                f"{label} cuflute.bcq {bits}-bit")
             release_memory()
         for m in args.m:
             at_m = {peer: times[m] for peer, times in peer_us.items() if m in times}
@@ -685,7 +705,8 @@ def _benchmark(args: argparse.Namespace, props) -> tuple[RunInfo, list[Row]]:
                    l2_bytes=props.L2_cache_size, copy_gbps=copy_gbps,
                    date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                    versions=package_versions(), dtype=args.dtype, group_size=args.group_size,
-                   rotate_bytes=rotate, replays=args.replays, peers=peers,
+                   rotate_bytes=rotate, replays=args.replays,
+                   graph_calls=args.graph_calls, peers=peers,
                    unavailable=unavailable, bcq=args.bcq, dense_cache=args.dense_cache)
     return info, rows
 
@@ -722,7 +743,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{peer}: unavailable ({why})")
     print(f"{info.gpu}; copy bandwidth measured {info.copy_gbps:.0f} GB/s; roofline = bytes / "
           "time / that; weights rotated over "
-          f"{info.rotate_bytes / 2**20:.0f} MiB; median of {info.replays} graph replays.")
+          f"{info.rotate_bytes / 2**20:.0f} MiB; median of {info.replays} graph replays of at least "
+          f"{info.graph_calls} calls.")
     for path, text in ((args.json, lambda: results_json(info, rows)),
                        (args.csv, lambda: rows_csv(rows)),
                        (args.markdown, lambda: markdown_report(info, rows))):

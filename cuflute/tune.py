@@ -175,7 +175,8 @@ def run_sweep(sweep: Sweep, rotate_bytes: int | None, replays: int) -> dict:
     bar.close()
     return {"gpu": props.name, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
             "sweep": sweep.name, "versions": bench.package_versions(),
-            "method": f"median of {replays} CUDA-graph replays, weights rotated over {rotate} bytes",
+            "method": f"median of {replays} CUDA-graph replays of at least {bench.DEFAULT_GRAPH_CALLS} "
+                      f"calls, weights rotated over {rotate} bytes",
             "entries": entries}
 
 

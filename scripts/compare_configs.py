@@ -27,6 +27,7 @@ def main():
     parser.add_argument("--configs", default=",".join(str(c) for c in kernels.TILE_CONFIGS))
     parser.add_argument("--extra", default="")
     parser.add_argument("--replays", type=int, default=20)
+    parser.add_argument("--graph-calls", type=int, default=bench.DEFAULT_GRAPH_CALLS)
     args = parser.parse_args()
 
     extra = [kernels.tile_config_from_name(c) for c in args.extra.split(",") if c]
@@ -56,10 +57,11 @@ def main():
                     if not err < 2e-3:  # configs differ only in fp32 summation order
                         raise RuntimeError(f"{config} disagrees with the default: {err:.2e} at {n=} {k=} {m=} {bits=}")
                     calls = [partial(qgemm, x, w, out=x.new_empty(m, n), config=config) for w in weights]
-                    us = bench.time_graph_us(calls, args.replays)
+                    us = bench.time_graph_us(calls, args.replays, args.graph_calls)
                     frac = bench.call_bytes(n, k, m, bits, args.group_size) / us / 1e3 / copy_gbps
                     cells.append(f"{us:7.1f} ({frac:.2f})")
-                fp16 = bench.time_graph_us([partial(torch.mm, x, w.t()) for w in dense], args.replays)
+                fp16 = bench.time_graph_us([partial(torch.mm, x, w.t()) for w in dense], args.replays,
+                                            args.graph_calls)
                 print(f"{n} {k} {m} {bits} | " + " | ".join(cells) + f" | {fp16:7.1f}", flush=True)
             del weights
             bench.release_memory()

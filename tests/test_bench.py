@@ -33,12 +33,12 @@ def test_defaults_are_the_llama3_layers_and_issue_settings():
 def test_flags_parse():
     args = parse("--shapes", "4096x4096, 8192x28672", "--m", "1,7", "--bits", "3",
                  "--group-size", "64", "--dtype", "bfloat16", "--rotate-bytes", "512MiB",
-                 "--replays", "5", "--no-peers", "--json", "a.json", "--csv", "a.csv",
-                 "--markdown", "a.md")
+                 "--replays", "5", "--graph-calls", "4", "--no-peers", "--json", "a.json",
+                 "--csv", "a.csv", "--markdown", "a.md")
     assert args.shapes == [(4096, 4096), (8192, 28672)]
     assert args.m == [1, 7] and args.bits == [3]
     assert (args.group_size, args.dtype, args.rotate_bytes) == (64, "bfloat16", 512 * 2**20)
-    assert (args.replays, args.peers) == (5, False)
+    assert (args.replays, args.graph_calls, args.peers) == (5, 4, False)
     assert (args.json, args.csv, args.markdown) == ("a.json", "a.csv", "a.md")
 
 
@@ -46,13 +46,21 @@ def test_flags_parse():
     ["--shapes", "4096"], ["--shapes", "4096x"], ["--shapes", "0x4096"], ["--shapes", "axb"],
     ["--m", "0"], ["--m", "1,x"], ["--bits", "5"], ["--bits", "4,1"], ["--group-size", "100"],
     ["--dtype", "float32"], ["--rotate-bytes", "12 parsecs"], ["--rotate-bytes", "0"],
-    ["--replays", "0"],
+    ["--replays", "0"], ["--graph-calls", "0"],
 ])
 def test_bad_flags_are_usage_errors(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         parse(*argv)
     assert exit_info.value.code == 2
     assert argv[0] in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("copies, graph_calls, repeats", [
+    (2, 16, 8), (3, 16, 6), (48, 16, 1), (16, 16, 1), (5, 1, 1),
+])
+def test_a_timed_graph_repeats_the_copies_to_hold_enough_calls(copies, graph_calls, repeats):
+    assert bench.graph_repeats(copies, graph_calls) == repeats
+    assert (repeats - 1) * copies < graph_calls <= repeats * copies
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -155,7 +163,7 @@ def info(**overrides):
                   versions={"cuflute": "0.1.0", "torch": "2.11.0", "cuda": "13.0",
                             "cupy": "14.2.0", "bitsandbytes": None},
                   dtype="float16", group_size=128, rotate_bytes=100 << 20, replays=20,
-                  peers=["torch-int4"], unavailable={"bnb-nf4": "ModuleNotFoundError: x"})
+                  graph_calls=16, peers=["torch-int4"], unavailable={"bnb-nf4": "ModuleNotFoundError: x"})
     fields.update(overrides)
     return bench.RunInfo(**fields)
 
