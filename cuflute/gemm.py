@@ -219,6 +219,9 @@ def _new_plan(packed: PackedWeight, m: int, config: TileConfig | str | None,
     if not tile.takes(m):
         raise ValueError(f"tile config {tile} takes at most {tile.max_m} rows of x, got M = {m}")
     spec = KernelSpec(packed.bits, packed.kernel_group, packed.dtype, tile)
+    if spec.shared_bytes > props["sharedMemPerBlockOptin"]:
+        raise ValueError(f"tile config {tile} needs {spec.shared_bytes} bytes of shared memory, "
+                         f"cuda:{device} allows {props['sharedMemPerBlockOptin']}")
     if not builds_for(spec, device_arch(props)):
         raise ValueError(f"tile config {tile} splits K over clusters of {tile.ks} CTAs, which need "
                          f"compute capability {CLUSTER_MIN_ARCH // 10}.{CLUSTER_MIN_ARCH % 10}; "
@@ -227,9 +230,6 @@ def _new_plan(packed: PackedWeight, m: int, config: TileConfig | str | None,
     grid = (-(-m // tile.block_m), -(-packed.n_tiles // tile.block_n_tiles), tile.ks)
     if grid[1] > _MAX_GRID_Y:
         raise ValueError(f"N = {packed.n} needs {grid[1]} CTA rows, more than CUDA's {_MAX_GRID_Y}")
-    if spec.shared_bytes > props["sharedMemPerBlockOptin"]:
-        raise ValueError(f"tile config {tile} needs {spec.shared_bytes} bytes of shared memory, "
-                         f"cuda:{device} allows {props['sharedMemPerBlockOptin']}")
     function = get_kernel(spec, device)
     programmatic = PROGRAMMATIC_LAUNCH and props["major"] >= 9
     shared_bytes = spec.shared_bytes

@@ -119,14 +119,22 @@ TILE_CONFIGS = (
     TileConfig(nt=1, mt=1, wk=4, stages=3, xs=X_ROW),
     TileConfig(nt=1, mt=1, wk=8, xs=X_ROW),
     TileConfig(nt=2, mt=1, wk=8, xs=X_ROW),
+    # five n tiles a warp, one CTA an SM: 10240 rows are 640 tiles, 4.85 an SM, which 128 CTAs of
+    # five take in one wave where CTAs of one, two or four leave part of a second (v23)
+    TileConfig(nt=5, mt=1, wk=4, xs=X_ROW),
     # x through each warp's pipeline: two n tiles a warp halve the x each weight byte needs
     TileConfig(nt=1, mt=1, wk=4, xs=X_WARP),
     TileConfig(nt=2, mt=1, wk=4, xs=X_WARP),
     TileConfig(nt=2, mt=2, wk=4, xs=X_WARP),
     TileConfig(nt=2, mt=4, wk=2, xs=X_WARP),
     # four n tiles a warp: half again the x reads from shared memory each weight byte needs, for
-    # 168 KiB (4-bit), one CTA an SM (M = 16 and 32: docs/PERF_NOTES.md v22)
+    # 168 KiB (4-bit), one CTA an SM (M = 16 and 32: docs/PERF_NOTES.md v22); three and five, for
+    # the shapes whose tiles that many a CTA take in one wave of one CTA an SM: 6144 rows (384
+    # tiles, 128 CTAs of three) and 10240 (640 tiles, 128 CTAs of five) (v23)
     TileConfig(nt=4, mt=2, wk=4, xs=X_WARP),
+    TileConfig(nt=3, mt=2, wk=4, xs=X_WARP),
+    TileConfig(nt=5, mt=1, wk=4, xs=X_WARP),
+    TileConfig(nt=5, mt=2, wk=4, xs=X_WARP),
     # x copied once for the warps side by side along n: M >= 16, where x fills L2; 16 LUT
     # copies (half the bytes, some bank conflicts) for more CTAs an SM
     TileConfig(nt=1, mt=2, wn=4, wk=1, xs=X_SHARED),
@@ -144,12 +152,14 @@ TILE_CONFIGS = (
 )
 
 
-def instantiated(group: int, tile: TileConfig) -> bool:
-    """Whether (kernel GROUP, tile) is compiled: eight 16 x 8 tiles a warp (four m tiles of two
-    n tiles, or four n tiles of two m tiles) with scale groups of 32 or 64 k need more than 255
-    registers (ptxas spills on sm_80 to sm_90; nt4_mt2: 3-bit bfloat16 with groups of 64 on
-    sm_90), so those pairs are not."""
-    return tile.mt * tile.nt < 8 or group not in (32, 64)
+def instantiated(bits: int, group: int, tile: TileConfig) -> bool:
+    """Whether (bits, kernel GROUP, tile) is compiled. Where a warp holds many tiles, ptxas needs
+    more than 255 registers and spills (sm_80 to sm_90), so these are not: eight 16 x 8 tiles a
+    warp (four m tiles of two n tiles, or four n tiles of two m tiles) with scale groups of 32 or
+    64 k (nt4_mt2: 3-bit bfloat16 with groups of 64 on sm_90), and ten (five n tiles of two m
+    tiles) with 3-bit codes, whose fields take a select more a step."""
+    tiles = tile.mt * tile.nt
+    return not (tiles >= 8 and group in (32, 64)) and not (tiles >= 10 and bits == 3)
 
 
 def tile_config_from_name(text: str) -> TileConfig:
@@ -200,9 +210,9 @@ class KernelSpec:
         _check_template_args(self.bits, self.group, self.dtype)
         if self.tile not in TILE_CONFIGS:
             raise ValueError(f"kernel tile must be one of {TILE_CONFIGS}, got {self.tile!r}")
-        if not instantiated(self.group, self.tile):
-            raise ValueError(f"tile config {self.tile} is not compiled for scale groups of "
-                             f"{self.group}: it would spill registers")
+        if not instantiated(self.bits, self.group, self.tile):
+            raise ValueError(f"tile config {self.tile} is not compiled for {self.bits}-bit codes "
+                             f"with scale groups of {self.group}: it would spill registers")
 
     @property
     def shared_bytes(self) -> int:
@@ -260,7 +270,7 @@ class DequantSpec:
 def all_specs() -> list[KernelSpec]:
     return [KernelSpec(b, g, d, t)
             for b, g, d, t in itertools.product(SUPPORTED_BITS, KERNEL_GROUPS, DTYPES, TILE_CONFIGS)
-            if instantiated(g, t)]
+            if instantiated(b, g, t)]
 
 
 def dequant_specs() -> list[DequantSpec]:
@@ -276,9 +286,20 @@ def device_arch(props: dict) -> int:
     return 10 * props["major"] + props["minor"]
 
 
+# The most dynamic shared memory a CTA may opt into (cudaDevAttrMaxSharedMemoryPerBlockOptin) on
+# each target: the CUDA C++ Programming Guide's table of compute capabilities.
+MAX_SHARED_BYTES = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+
+
 def builds_for(spec, arch: int) -> bool:
-    """Whether ``spec`` is a kernel of sm_``arch``: not a cluster tile config before sm_90."""
-    return not (isinstance(spec, KernelSpec) and spec.tile.needs_clusters and arch < CLUSTER_MIN_ARCH)
+    """Whether ``spec`` is a kernel of sm_``arch``: not a tile config that splits K over clusters
+    before sm_90, nor, on a target of TARGET_ARCHS, one that needs more shared memory than a CTA
+    there can have (it could never launch, so it is neither compiled nor checked for spills;
+    elsewhere cuflute.gemm checks the device's own limit)."""
+    if not isinstance(spec, KernelSpec):
+        return True
+    fits = spec.shared_bytes <= MAX_SHARED_BYTES.get(arch, spec.shared_bytes)
+    return fits and not (spec.tile.needs_clusters and arch < CLUSTER_MIN_ARCH)
 
 
 def every_spec(arch: int | None = None) -> list:

@@ -2,9 +2,9 @@ import pytest
 
 from cuflute import dispatch
 from cuflute.dispatch import DENSE, DENSE_MIN_M, gpu_slug, heuristic_config, parse_config, select_config
-from cuflute.kernels import (MAX_K_SPLITS, TILE_CONFIGS, X_ROW, X_SHARED, X_WARP, KernelSpec, TileConfig,
-                             all_specs, builds_for, every_spec, instantiated, parse_tile_config,
-                             tile_config_from_name)
+from cuflute.kernels import (MAX_K_SPLITS, MAX_SHARED_BYTES, TARGET_ARCHS, TILE_CONFIGS, X_ROW, X_SHARED,
+                             X_WARP, KernelSpec, TileConfig, all_specs, builds_for, every_spec,
+                             instantiated, parse_tile_config, tile_config_from_name)
 
 
 @pytest.mark.parametrize("m", [1, 2, 7, 8, 9, 16, 17, 64, 300, 100000])
@@ -20,21 +20,21 @@ def test_heuristic_covers_every_m(m, n):
 
 
 def test_heuristic_m_tiles_follow_m():
-    assert heuristic_config(1, 128).block_m == heuristic_config(8, 128).block_m == 8
-    assert heuristic_config(9, 128).block_m == heuristic_config(16, 128).block_m == 16
-    assert heuristic_config(17, 128).block_m == heuristic_config(32, 128).block_m == 16
-    assert heuristic_config(33, 128).block_m == heuristic_config(DENSE_MIN_M - 1, 0).block_m == 32
-    assert heuristic_config(33, 64).block_m == 16  # four m tiles are not built for groups of 64
-    assert heuristic_config(DENSE_MIN_M, 128) == heuristic_config(10**6, 0) == DENSE
-    assert heuristic_config(1, 128).xs == X_ROW and heuristic_config(2, 128).xs == X_WARP
+    assert heuristic_config(1, 4, 128).block_m == heuristic_config(8, 4, 128).block_m == 8
+    assert heuristic_config(9, 4, 128).block_m == heuristic_config(16, 4, 128).block_m == 16
+    assert heuristic_config(17, 4, 128).block_m == heuristic_config(32, 4, 128).block_m == 16
+    assert heuristic_config(33, 4, 128).block_m == heuristic_config(DENSE_MIN_M - 1, 4, 0).block_m == 32
+    assert heuristic_config(33, 4, 64).block_m == 16  # four m tiles are not built for groups of 64
+    assert heuristic_config(DENSE_MIN_M, 4, 128) == heuristic_config(10**6, 4, 0) == DENSE
+    assert heuristic_config(1, 4, 128).xs == X_ROW and heuristic_config(2, 4, 128).xs == X_WARP
 
 
 @pytest.mark.parametrize("group", [32, 64])
 def test_small_groups_never_get_four_m_tiles(group):
     for m in (17, 64, DENSE_MIN_M - 1):
         tile = select_config(m, 4096, 4096, 3, group, "bfloat16")
-        assert instantiated(group, tile) and tile.mt == 2, (m, group, tile)
-    with pytest.raises(ValueError, match="is not compiled for scale groups of 32"):
+        assert instantiated(3, group, tile) and tile.mt == 2, (m, group, tile)
+    with pytest.raises(ValueError, match="is not compiled for 4-bit codes with scale groups of 32"):
         KernelSpec(4, 32, "float16", TileConfig(2, 4, 2, xs=X_WARP))
     assert not any(s.tile.mt == 4 and s.group in (32, 64) for s in all_specs())
 
@@ -64,8 +64,12 @@ def test_name_expression_and_count():
     side_by_side = KernelSpec(2, 128, "float16", TileConfig(2, 4, 1, wn=4, xs=X_SHARED, lut_copies=16))
     assert side_by_side.name_expression == "cuflute::lut_gemm<2, 128, __half, 2, 4, 4, 1, 2, 2, 16>"
     assert side_by_side.threads == 128
-    eight_tiles = sum(c.mt * c.nt >= 8 for c in TILE_CONFIGS)  # not with groups of 32 or 64
-    assert len(all_specs()) == 3 * 2 * (5 * len(TILE_CONFIGS) - 2 * eight_tiles)
+    # 3 bit widths x 5 groups x 2 dtypes a config, but eight tiles a warp not with groups of 32
+    # or 64, and ten not with 3-bit codes
+    eight_tiles = sum(c.mt * c.nt >= 8 for c in TILE_CONFIGS)
+    ten_tiles = sum(c.mt * c.nt >= 10 for c in TILE_CONFIGS)
+    assert ten_tiles >= 1
+    assert len(all_specs()) == 2 * (15 * len(TILE_CONFIGS) - 3 * 2 * eight_tiles - 3 * ten_tiles)
 
 
 def test_cluster_configs_split_k_on_sm90_only():
@@ -77,6 +81,27 @@ def test_cluster_configs_split_k_on_sm90_only():
     assert spec.name_expression == "cuflute::lut_gemm_split<4, 128, __half, 2, 4, 4, 1, 2, 2, 16, 2>"
     assert builds_for(spec, 90) and not any(builds_for(spec, arch) for arch in (80, 86, 89))
     assert spec in every_spec(90) and spec not in every_spec(89) and spec in every_spec()
+
+
+def test_configs_are_built_only_where_a_cta_can_have_their_shared_memory():
+    five_by_two = TileConfig(5, 2, 4, xs=X_WARP)
+    for bits, archs in ((4, {90}), (2, {80, 90})):
+        spec = KernelSpec(bits, 128, "float16", five_by_two)
+        assert {a for a in TARGET_ARCHS if builds_for(spec, a)} == archs
+        assert all(spec.shared_bytes <= MAX_SHARED_BYTES[a] for a in archs)
+    small = KernelSpec(4, 128, "float16", TileConfig(1, 1, 4, xs=X_ROW))
+    assert all(builds_for(small, a) for a in TARGET_ARCHS)
+    assert builds_for(KernelSpec(4, 128, "float16", five_by_two), 120)  # not a target: gemm checks
+    assert all(s.shared_bytes <= MAX_SHARED_BYTES[a] for a in TARGET_ARCHS for s in every_spec(a)
+               if isinstance(s, KernelSpec))
+
+
+def test_ten_tiles_a_warp_are_not_built_for_three_bits():
+    five_by_two = TileConfig(5, 2, 4, xs=X_WARP)
+    assert instantiated(4, 128, five_by_two) and instantiated(2, 0, five_by_two)
+    assert not instantiated(3, 128, five_by_two) and not instantiated(4, 64, five_by_two)
+    with pytest.raises(ValueError, match="not compiled for 3-bit codes with scale groups of 128"):
+        KernelSpec(3, 128, "float16", five_by_two)
     for ks in (0, MAX_K_SPLITS + 1):
         with pytest.raises(ValueError, match="ks .CTAs of a cluster splitting K. must be 1 to 8"):
             TileConfig(2, 4, 1, wn=4, xs=X_SHARED, ks=ks)
@@ -138,11 +163,11 @@ def test_tuned_table_overrides_the_heuristic(tuned_table_file):
     assert pick(1) == pick(4) == TileConfig(2, 1, 4, xs=X_WARP)  # smallest bucket at or above m
     assert pick(5) == pick(32) == pick(DENSE_MIN_M - 1) == TileConfig(2, 2, 2, wn=2, xs=X_SHARED)  # largest past the end
     assert pick(DENSE_MIN_M) == DENSE  # ... unless the heuristic goes dense there
-    assert pick(1, n=8192) == heuristic_config(1, 128)  # untuned shape: heuristic
+    assert pick(1, n=8192) == heuristic_config(1, 4, 128)  # untuned shape: heuristic
     assert pick(1, n=1024) == TileConfig(1, 1, 8, xs=X_ROW)
-    assert pick(2, n=1024) == heuristic_config(2, 128)  # the M = 1 config takes one row
+    assert pick(2, n=1024) == heuristic_config(2, 4, 128)  # the M = 1 config takes one row
     assert select_config(1, 4096, 4096, 4, 128, "float16", gpu_name="Other GPU") == \
-        heuristic_config(1, 128)
+        heuristic_config(1, 4, 128)
 
 
 def test_shared_memory_limit_picks_a_config_that_fits():

@@ -84,7 +84,7 @@ def test_kernel_matches_reference(bits, group_size, dtype, n, k):
 
 CONFIG_CASES = [(c, bits, g) for c in TILE_CONFIGS + (DENSE,)
                 for bits, g in [(3, 32), (4, None), (2, 128), (4, 64)]
-                if c == DENSE or instantiated(g or 0, c)]
+                if c == DENSE or instantiated(bits, g or 0, c)]
 
 
 @pytest.mark.parametrize("config, bits, group_size", CONFIG_CASES, ids=str)
