@@ -312,21 +312,38 @@ __device__ __forceinline__ void copy_chunk_async(unsigned char* stage, const uin
 
 // kXWarp, kXShared: start copying the x pieces of chunk c that this lane's B fragments take
 // (x_lane, as load_x reads them) to dst, the lane's first piece; rows past M and k past K are
-// zero-filled, not read. Piece mt * 8 + j goes when its index is `part` modulo PARTS: PARTS warps
-// fill one copy between them.
+// zero-filled, not read. Piece mt * 8 + j goes when j is `part` modulo PARTS: PARTS warps fill one
+// copy between them. A warp's j are part, part + PARTS, ...: a run-time offset, not a test of
+// every piece (which cost each warp the address and predicate of all the pieces it skipped:
+// docs/PERF_NOTES.md v24). PARTS == 1 keeps the loop order it had, whose registers ptxas fits
+// in 255 for five n tiles of two m tiles (the other spills).
 template <int MT, int PARTS>
 __device__ __forceinline__ void copy_x_async(uint4* dst, const uint4* const (&x_lane)[MT],
                                              const bool (&row_valid)[MT], int c, int K, int part,
                                              int lane) {
+  constexpr int kPairs = kStepsPerChunk / 2;
+  static_assert(kPairs % PARTS == 0, "PARTS warps must split a chunk's 8 step pairs evenly");
+  if constexpr (PARTS == 1) {
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int j = 0; j < kStepsPerChunk / 2; ++j) {
-      const int piece = mt * kStepsPerChunk / 2 + j;
-      const int k = c * kChunkK + 32 * j + 8 * (lane & 3);
-      if (PARTS == 1 || piece % PARTS == part)
-        copy_async_16(dst + 32 * piece, x_lane[mt] + (c * kChunkK + 32 * j) / 8, row_valid[mt] && k < K);
+      for (int j = 0; j < kPairs; ++j) {
+        const int k = c * kChunkK + 32 * j + 8 * (lane & 3);
+        copy_async_16(dst + 32 * (mt * kPairs + j), x_lane[mt] + (c * kChunkK + 32 * j) / 8,
+                      row_valid[mt] && k < K);
+      }
+  } else {
+    const bool full_chunk = (c + 1) * kChunkK <= K;
+#pragma unroll
+    for (int i = 0; i < kPairs / PARTS; ++i) {
+      const int j = part + i * PARTS;
+      const int k = c * kChunkK + 32 * j;
+      const bool k_valid = full_chunk || k + 8 * (lane & 3) < K;
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+        copy_async_16(dst + 32 * (mt * kPairs + j), x_lane[mt] + k / 8, row_valid[mt] && k_valid);
     }
+  }
 }
 
 // kXRow: start copying the 256 x values of chunk c of the row at x_row into dst, 16 bytes a
@@ -559,7 +576,11 @@ __device__ __forceinline__ void lut_gemm_cta(const T* __restrict__ x, long long 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int wn = warp % WN, wk = warp / WN;
   const int gid = lane >> 2, tig = lane & 3;
-  const u32 lane_bytes = 4 * (lane % COPIES);
+  // With fewer than 32 copies, through a shuffle, which the compiler cannot see through: knowing
+  // lane_bytes as 4 (lane % 16), it masks it again at every lookup, three instructions a lookup
+  // instead of a shift and one lop3.
+  const u32 lane_bytes =
+      COPIES == 32 ? 4u * lane : __shfl_sync(0xFFFFFFFFu, 4u * (lane % COPIES), lane);
   const int n_tiles = (N + 15) / 16;
   // m blocks vary fastest, so the CTAs that read the same weight rows run together and the
   // second and later ones find the weight in L2.
