@@ -180,6 +180,7 @@ struct SharedLayout {
   static constexpr int kSharedXBytes = XS == kXShared ? STAGES * WK * Tile::kXBytes : 0;
   static constexpr int kPipelineBytes = kLutBytes + kWarpStagesBytes + kSharedXBytes;
   static constexpr int kPartialBytes = WK > 1 || KS > 1 ? WARPS * NT * MT * 4 * 32 * 4 : 0;  // the warps' sums
+  static constexpr int kBytes = kPipelineBytes > kPartialBytes ? kPipelineBytes : kPartialBytes;
   // Stage s of warp w, lane 0's bytes: codes, then scales, then (kXWarp) x.
   static __device__ __forceinline__ unsigned char* stage(unsigned char* smem, int warp, int i) {
     return smem + kLutBytes + ((i % STAGES) * WARPS + warp) * Tile::kStageBytes;
@@ -535,11 +536,37 @@ __device__ __forceinline__ void for_each_output(const float (&acc)[NT][MT][4], i
       }
 }
 
-// One tile of each kind: 128 registers (16 warps an SM), which it fits without spilling.
-// More tiles: all the registers they need, down to one CTA an SM.
-__host__ __device__ constexpr int min_ctas_per_sm(int nt, int mt, int warps) {
-  return nt * mt == 1 ? 16 / warps : 1;
+// An SM's shared memory: sm_80 and sm_87 164 KiB, sm_86 and sm_89 100, sm_90 228.
+__host__ __device__ constexpr int shared_bytes_per_sm() {
+#if __CUDA_ARCH__ == 800 || __CUDA_ARCH__ == 870
+  return 164 * 1024;
+#elif __CUDA_ARCH__ >= 900
+  return 228 * 1024;
+#else
+  return 100 * 1024;
+#endif
 }
+
+// The CTAs an SM whose registers ptxas is asked to fit. One tile of each kind: 16 warps (128
+// registers), which it fits without spilling. Up to four tiles with scale groups of 128 k or
+// more: as many CTAs as shared memory holds (1 KiB each besides its own), up to 12 warps (170
+// registers), so that registers do not hold back what shared memory admits (3-bit
+// nt2_mt2_wn2_wk2_ks2 took 180 registers unbounded, two CTAs of 4 warps an SM where shared memory
+// fits three; 147 bounded: docs/PERF_NOTES.md v25). More tiles, or groups of 32 or 64 k (3-bit
+// codes' spill at 168 on sm_90): all the registers they need, down to one CTA an SM.
+__host__ __device__ constexpr int min_ctas_per_sm(int nt, int mt, int warps, int group,
+                                                  int shared_bytes) {
+  if (nt * mt == 1) return 16 / warps;
+  if (nt * mt > 4 || (group != 0 && group < 128)) return 1;
+  const int by_shared = shared_bytes_per_sm() / (shared_bytes + 1024);
+  const int by_warps = 12 / warps;
+  return by_shared < by_warps ? (by_shared > 0 ? by_shared : 1) : by_warps;
+}
+
+template <int BITS, int GROUP, int NT, int MT, int WN, int WK, int STAGES, int XS, int COPIES, int KS>
+constexpr int kMinCtas = min_ctas_per_sm(
+    NT, MT, WN * WK, GROUP,
+    SharedLayout<BITS, GROUP, NT, MT, WN * WK, WK, STAGES, XS, COPIES, KS>::kBytes);
 
 // lut_gemm_split's cluster shape, on the targets that have clusters (the others never launch it:
 // it traps there).
@@ -565,8 +592,7 @@ __device__ __forceinline__ void lut_gemm_cta(const T* __restrict__ x, long long 
   constexpr bool kStagedX = XS != kXGlobal;
   constexpr int kAccPerWarp = NT * MT * 4 * 32;            // (nt, mt, c register, lane)
   extern __shared__ __align__(16) unsigned char smem[];
-  check_dynamic_shared(Smem::kPipelineBytes > Smem::kPartialBytes ? Smem::kPipelineBytes
-                                                                  : Smem::kPartialBytes);
+  check_dynamic_shared(Smem::kBytes);
   if (XS == kXRow && M > 1) __trap();  // launched past its one row (cuflute.gemm checks first)
 #if __CUDA_ARCH__ < 900
   if (KS > 1) __trap();  // no clusters before sm_90 (cuflute.gemm refuses first)
@@ -715,7 +741,7 @@ __device__ __forceinline__ void lut_gemm_cta(const T* __restrict__ x, long long 
 
 template <int BITS, int GROUP, typename T, int NT, int MT, int WN, int WK, int STAGES, int XS,
           int COPIES>
-__global__ void __launch_bounds__(32 * WN * WK, min_ctas_per_sm(NT, MT, WN * WK))
+__global__ void __launch_bounds__(32 * WN * WK, kMinCtas<BITS, GROUP, NT, MT, WN, WK, STAGES, XS, COPIES, 1>)
 lut_gemm(const T* __restrict__ x, long long x_row_stride,
          const uint4* __restrict__ qweight, const u32* __restrict__ scales,
          const u32* __restrict__ pair_lut, T* __restrict__ y,
@@ -726,7 +752,8 @@ lut_gemm(const T* __restrict__ x, long long x_row_stride,
 
 template <int BITS, int GROUP, typename T, int NT, int MT, int WN, int WK, int STAGES, int XS,
           int COPIES, int KS>
-__global__ void CUFLUTE_CLUSTER_ALONG_Z(KS) __launch_bounds__(32 * WN * WK, min_ctas_per_sm(NT, MT, WN * WK))
+__global__ void CUFLUTE_CLUSTER_ALONG_Z(KS)
+    __launch_bounds__(32 * WN * WK, kMinCtas<BITS, GROUP, NT, MT, WN, WK, STAGES, XS, COPIES, KS>)
 lut_gemm_split(const T* __restrict__ x, long long x_row_stride,
                const uint4* __restrict__ qweight, const u32* __restrict__ scales,
                const u32* __restrict__ pair_lut, T* __restrict__ y,
