@@ -20,6 +20,12 @@ template <> struct DTypeTraits<__half> {
     const __half2 h = __float22half2_rn(v);
     return *reinterpret_cast<const u32*>(&h);
   }
+  // Two values times two, each product rounded once (as lut_dequant's float32 product, rounded:
+  // the product of two of these is exact in float32).
+  static __device__ __forceinline__ u32 mul_pairs(u32 a, u32 b) {
+    const __half2 h = __hmul2(*reinterpret_cast<const __half2*>(&a), *reinterpret_cast<const __half2*>(&b));
+    return *reinterpret_cast<const u32*>(&h);
+  }
   static __device__ __forceinline__ void mma(float (&c)[4], const u32 (&a)[4],
                                              u32 b0, u32 b1) {
     asm(
@@ -38,6 +44,13 @@ template <> struct DTypeTraits<__nv_bfloat16> {
   }
   static __device__ __forceinline__ u32 pair_from_float2(float2 v) {
     const __nv_bfloat162 h = __float22bfloat162_rn(v);
+    return *reinterpret_cast<const u32*>(&h);
+  }
+  // Two values times two, each product rounded once (as lut_dequant's float32 product, rounded:
+  // the product of two of these is exact in float32).
+  static __device__ __forceinline__ u32 mul_pairs(u32 a, u32 b) {
+    const __nv_bfloat162 h = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&a),
+                                     *reinterpret_cast<const __nv_bfloat162*>(&b));
     return *reinterpret_cast<const u32*>(&h);
   }
   static __device__ __forceinline__ void mma(float (&c)[4], const u32 (&a)[4],

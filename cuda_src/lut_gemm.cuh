@@ -7,6 +7,9 @@
 // The weight is the mma A operand (16 rows of n by 16 of k), x^T the B operand (16 k by 8 m):
 // at decode sizes M is small, so the 8-wide side of m16n8k16 goes to M. The A operand is the
 // table value T[q] alone; each group's partial sums are scaled in float32 when the group ends.
+// A warp of 16 or more 16 x 8 tiles (WarpTile::kScaleA) has no registers for those partial sums:
+// it multiplies the A operand by the scale instead, in T, and reads its code words from the stage
+// as the steps reach them rather than a whole chunk's at once.
 //
 // One CTA per (m block, strip of WN x NT tiles): WN x WK warps, WN side by side along n, each
 // with NT tiles, and WK along K splitting the K chunks. Each warp streams its chunks through a
@@ -27,7 +30,8 @@
 //   GROUP   scale group size in k elements: 32, 64, 128, 256, or 0 for one group per row
 //   T       __half or __nv_bfloat16
 //   NT      16-row n tiles per warp: a strip is NT tiles, 16 * NT output rows
-//   MT      8-column m tiles: blockIdx.x steps M by 8 * MT, blockIdx.y N by 16 * NT * WN
+//   MT      8-column m tiles (1, 2, 4 or 8): blockIdx.x steps M by 8 * MT, blockIdx.y N by
+//           16 * NT * WN
 //   WN      warps side by side along n
 //   WK      warps along K
 //   STAGES  depth of each warp's cp.async pipeline: STAGES - 1 chunks in flight while one is
@@ -129,6 +133,12 @@ template <int BITS, int COPIES = 32> struct CodeLayout {
   static_assert(4 * kLutCopies == 1 << kEntryShift, "COPIES must be 8, 16 or 32");
   static constexpr int kLutBytes = kLutEntries * kLutCopies * 4;
 
+  // The first of a chunk's mma steps that reads a lane's code vector v (words 4v to 4v + 3):
+  // step s reads word s (4 bits), s / 2 (2 bits), or s / 2 and 8 + s / 4 (3 bits).
+  static __device__ constexpr int first_step(int v) {
+    return BITS == 4 ? 4 * v : BITS == 2 ? 8 * v : v == 1 ? 8 : 0;
+  }
+
   // Byte offset of pair p of step s in that LUT, for the lane whose copy starts at lane_bytes:
   // the field is moved straight to bit kEntryShift, masked, and or-ed with the lane's bank.
   static __device__ __forceinline__ u32 lut_offset(const u32 (&w)[kWords], int s, int p,
@@ -148,7 +158,10 @@ template <int BITS, int COPIES = 32> struct CodeLayout {
 
 // What one warp holds for one strip of NT tiles and MT m tiles.
 template <int BITS, int GROUP, int NT, int MT, int XS = kXGlobal> struct WarpTile {
-  static_assert(MT == 1 || MT == 2 || MT == 4, "MT must be 1, 2 or 4");
+  static_assert(MT == 1 || MT == 2 || MT == 4 || MT == 8, "MT must be 1, 2, 4 or 8");
+  // The A operand scaled instead of the sums (the header's first paragraph): the accumulators of
+  // 16 tiles take 64 registers, and a second set 64 more.
+  static constexpr bool kScaleA = NT * MT >= 16;
   static constexpr int kGroupK = GROUP == 0 ? kChunkK : GROUP;  // k per scale group in a chunk
   static_assert(kGroupK >= 32 && kChunkK % kGroupK == 0, "GROUP must be 0 or divide 256");
   static constexpr int kGroupsPerChunk = kChunkK / kGroupK;
@@ -161,9 +174,9 @@ template <int BITS, int GROUP, int NT, int MT, int XS = kXGlobal> struct WarpTil
   static constexpr int kXBytes = XS == kXRow ? 2 * kChunkK : 32 * 16 * kXVectors;
   static constexpr int kXOffset = 32 * (16 * kCodeVectors + 4 * kScaleWords);
   static constexpr int kStageBytes = kXOffset + (XS == kXWarp || XS == kXRow ? kXBytes : 0);
-  // x goes in batches of kPairsPerBatch step pairs for MT m tiles: 16 registers a batch, two
-  // batches live at once (the one in use and the one in flight).
-  static constexpr int kPairsPerBatch = 4 / MT;
+  // x goes in batches of kPairsPerBatch step pairs for MT m tiles: 16 registers a batch (32 at
+  // MT = 8), two batches live at once (the one in use and the one in flight).
+  static constexpr int kPairsPerBatch = MT <= 4 ? 4 / MT : 1;
   static constexpr int kBatches = kStepsPerChunk / 2 / kPairsPerBatch;
   using Codes = u32[NT][kWords];
   using Scales = u32[NT][kGroupsPerChunk];
@@ -426,14 +439,16 @@ __device__ __forceinline__ void load_x_staged(typename WarpTile<BITS, GROUP, NT,
       xv[b][mt] = x_stage[kPieceStride * (mt * kStepsPerChunk / 2 + batch * Tile::kPairsPerBatch + b)];
 }
 
-// acc += the products of one chunk c. xv holds batch 0 of chunk c on entry; the next batch of x
-// is in flight while one computes. With x from global memory, xv holds batch 0 of chunk c_next
-// (if c_next >= 0) on exit; with XS != kXGlobal, x comes from x_stage, the stage's copy, and the
-// caller loads batch 0.
+// acc += the products of one chunk c. The codes and scales are w and sw (read_stage), or with
+// kScaleA the stage's, read into w as the steps reach them. xv holds batch 0 of chunk c on entry;
+// the next batch of x is in flight while one computes. With x from global memory, xv holds batch
+// 0 of chunk c_next (if c_next >= 0) on exit; with XS != kXGlobal, x comes from x_stage, the
+// stage's copy, and the caller loads batch 0.
 template <int BITS, int GROUP, typename T, int NT, int MT, int XS, int COPIES>
 __device__ __forceinline__ void mma_chunk(typename WarpTile<BITS, GROUP, NT, MT>::Acc& acc,
-                                          const typename WarpTile<BITS, GROUP, NT, MT>::Codes& w,
+                                          typename WarpTile<BITS, GROUP, NT, MT>::Codes& w,
                                           const typename WarpTile<BITS, GROUP, NT, MT>::Scales& sw,
+                                          const unsigned char* stage, int lane,
                                           typename WarpTile<BITS, GROUP, NT, MT>::XBatch& xv,
                                           const uint4* const (&x_lane)[MT], const uint4* x_stage,
                                           int c, int c_next, int K,
@@ -442,8 +457,13 @@ __device__ __forceinline__ void mma_chunk(typename WarpTile<BITS, GROUP, NT, MT>
   using Traits = DTypeTraits<T>;
   using Layout = CodeLayout<BITS, COPIES>;
   constexpr int kStepsPerGroup = Tile::kStepsPerGroup;
-  // Unscaled sums of the current group; GROUP == 0 sums straight into acc.
+  constexpr bool kScaledSums = GROUP != 0 && !Tile::kScaleA;
+  // Unscaled sums of the current group; GROUP == 0 and kScaleA sum straight into acc.
   float part[NT][MT][4];
+  // kScaleA: the current group's scales of rows gid and gid + 8, each in both halves of a word.
+  u32 scale_lo[NT], scale_hi[NT];
+  const uint4* codes_src = reinterpret_cast<const uint4*>(stage) + lane;
+  const u32* scales_src = reinterpret_cast<const u32*>(stage + 32 * 16 * Tile::kCodeVectors) + lane;
 #pragma unroll
   for (int batch = 0; batch < Tile::kBatches; ++batch) {
     const int j0 = batch * Tile::kPairsPerBatch;
@@ -457,7 +477,26 @@ __device__ __forceinline__ void mma_chunk(typename WarpTile<BITS, GROUP, NT, MT>
 #pragma unroll
     for (int b = 0; b < 2 * Tile::kPairsPerBatch; ++b) {
       const int s = 2 * j0 + b;
-      if (GROUP != 0 && s % kStepsPerGroup == 0) {
+      if constexpr (Tile::kScaleA) {
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+          for (int v = 0; v < BITS; ++v)
+            if (Layout::first_step(v) == s) {
+              const uint4 q = codes_src[32 * (nt * BITS + v)];
+              w[nt][4 * v + 0] = q.x;
+              w[nt][4 * v + 1] = q.y;
+              w[nt][4 * v + 2] = q.z;
+              w[nt][4 * v + 3] = q.w;
+            }
+          if (GROUP != 0 && s % kStepsPerGroup == 0) {
+            const u32 scale = scales_src[32 * (nt * Tile::kGroupsPerChunk + s / kStepsPerGroup)];
+            scale_lo[nt] = __byte_perm(scale, 0, 0x1010);
+            scale_hi[nt] = __byte_perm(scale, 0, 0x3232);
+          }
+        }
+      }
+      if (kScaledSums && s % kStepsPerGroup == 0) {
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -471,14 +510,18 @@ __device__ __forceinline__ void mma_chunk(typename WarpTile<BITS, GROUP, NT, MT>
 #pragma unroll
         for (int p = 0; p < 4; ++p)
           a[p] = *reinterpret_cast<const u32*>(lut + Layout::lut_offset(w[nt], s, p, lane_bytes));
+        if constexpr (Tile::kScaleA && GROUP != 0) {
+#pragma unroll
+          for (int p = 0; p < 4; ++p) a[p] = Traits::mul_pairs(a[p], p & 1 ? scale_hi[nt] : scale_lo[nt]);
+        }
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
           const uint4& v = xv[b / 2][mt];
-          Traits::mma(GROUP == 0 ? acc[nt][mt] : part[nt][mt], a,
+          Traits::mma(kScaledSums ? part[nt][mt] : acc[nt][mt], a,
                       b % 2 ? v.z : v.x, b % 2 ? v.w : v.y);
         }
       }
-      if (GROUP != 0 && s % kStepsPerGroup == kStepsPerGroup - 1) {
+      if (kScaledSums && s % kStepsPerGroup == kStepsPerGroup - 1) {
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
           const float2 scale = Traits::pair_to_float2(sw[nt][s / kStepsPerGroup]);
@@ -692,9 +735,10 @@ __device__ __forceinline__ void lut_gemm_cta(const T* __restrict__ x, long long 
     }
     typename Tile::Codes w;
     typename Tile::Scales sw;
-    read_stage<BITS, GROUP, NT, MT>(Smem::stage(smem, warp, i), lane, w, sw);
+    if constexpr (!Tile::kScaleA) read_stage<BITS, GROUP, NT, MT>(Smem::stage(smem, warp, i), lane, w, sw);
     if constexpr (kStagedX) load_x_staged<BITS, GROUP, NT, MT, XS>(xv, x_stage(i), 0);
-    mma_chunk<BITS, GROUP, T, NT, MT, XS, COPIES>(acc, w, sw, xv, x_lane, x_stage(i), chunk(i),
+    mma_chunk<BITS, GROUP, T, NT, MT, XS, COPIES>(acc, w, sw, Smem::stage(smem, warp, i), lane, xv,
+                                                  x_lane, x_stage(i), chunk(i),
                                                   i + 1 < my_chunks ? chunk(i + 1) : -1, K,
                                                   reinterpret_cast<const char*>(smem), lane_bytes, tig);
   }

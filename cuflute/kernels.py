@@ -63,8 +63,8 @@ class TileConfig:
     ks: int = 1
 
     def __post_init__(self):
-        if self.mt not in (1, 2, 4):
-            raise ValueError(f"mt must be 1, 2 or 4, got {self.mt}")
+        if self.mt not in (1, 2, 4, 8):
+            raise ValueError(f"mt must be 1, 2, 4 or 8, got {self.mt}")
         if not 1 <= self.ks <= MAX_K_SPLITS:
             raise ValueError(f"ks (CTAs of a cluster splitting K) must be 1 to {MAX_K_SPLITS}, got {self.ks}")
         if self.xs not in _X_SUFFIX:
@@ -82,6 +82,14 @@ class TileConfig:
     def takes(self, m: int) -> bool:
         """Whether the config can multiply m rows of x."""
         return self.max_m is None or m <= self.max_m
+
+    @property
+    def scales_a_operand(self) -> bool:
+        """Whether the kernel multiplies the A operand (the looked-up weight) by its group scale
+        instead of scaling each group's sums: a warp of 16 or more 16 x 8 tiles, whose
+        accumulators leave no registers for a second set (cuda_src/lut_gemm.cuh's
+        WarpTile::kScaleA). The products are W' as lut_dequant rounds it."""
+        return self.nt * self.mt >= 16
 
     @property
     def block_m(self) -> int:
@@ -149,6 +157,11 @@ TILE_CONFIGS = (
     TileConfig(nt=2, mt=2, wn=2, wk=2, xs=X_SHARED, ks=2),
     TileConfig(nt=2, mt=4, wn=2, wk=1, xs=X_SHARED, lut_copies=16, ks=2),
     TileConfig(nt=2, mt=4, wn=4, wk=1, xs=X_SHARED, lut_copies=16, ks=2),
+    # 16 and 32 tiles a warp, the A operand scaled (TileConfig.scales_a_operand): every weight
+    # looked up once for 32 or 64 rows of x (docs/PERF_NOTES.md v24)
+    TileConfig(nt=4, mt=4, wn=2, wk=2, xs=X_SHARED, ks=2),
+    TileConfig(nt=2, mt=8, wn=4, wk=1, xs=X_SHARED),
+    TileConfig(nt=4, mt=8, wn=4, wk=1, xs=X_SHARED),
 )
 
 
@@ -157,8 +170,12 @@ def instantiated(bits: int, group: int, tile: TileConfig) -> bool:
     more than 255 registers and spills (sm_80 to sm_90), so these are not: eight 16 x 8 tiles a
     warp (four m tiles of two n tiles, or four n tiles of two m tiles) with scale groups of 32 or
     64 k (nt4_mt2: 3-bit bfloat16 with groups of 64 on sm_90), and ten (five n tiles of two m
-    tiles) with 3-bit codes, whose fields take a select more a step."""
+    tiles) with 3-bit codes, whose fields take a select more a step. A warp that scales the A
+    operand (16 tiles or more) keeps no group sums, so small groups cost it nothing; at 32 tiles
+    (four n tiles of eight m tiles) only 3-bit codes with one group a row spill (sm_90)."""
     tiles = tile.mt * tile.nt
+    if tile.scales_a_operand:
+        return not (tiles >= 32 and bits == 3 and group == 0)
     return not (tiles >= 8 and group in (32, 64)) and not (tiles >= 10 and bits == 3)
 
 

@@ -36,7 +36,10 @@ def test_small_groups_never_get_four_m_tiles(group):
         assert instantiated(3, group, tile) and tile.mt == 2, (m, group, tile)
     with pytest.raises(ValueError, match="is not compiled for 4-bit codes with scale groups of 32"):
         KernelSpec(4, 32, "float16", TileConfig(2, 4, 2, xs=X_WARP))
-    assert not any(s.tile.mt == 4 and s.group in (32, 64) for s in all_specs())
+    # (a warp that scales the A operand holds no second set of sums: those are built)
+    assert not any(s.tile.mt == 4 and s.group in (32, 64) and not s.tile.scales_a_operand
+                   for s in all_specs())
+    assert any(s.tile.mt >= 4 and s.group == 32 and s.tile.scales_a_operand for s in all_specs())
 
 
 def test_kernel_spec_validation():
@@ -46,8 +49,8 @@ def test_kernel_spec_validation():
         KernelSpec(4, 96, "float16", TILE_CONFIGS[0])
     with pytest.raises(ValueError, match="kernel tile must be one of"):
         KernelSpec(4, 128, "float16", TileConfig(3, 1, 3))
-    with pytest.raises(ValueError, match="mt must be 1, 2 or 4"):
-        TileConfig(1, 8, 1)
+    with pytest.raises(ValueError, match="mt must be 1, 2, 4 or 8"):
+        TileConfig(1, 16, 1)
     with pytest.raises(ValueError, match="needs wn >= 2"):
         TileConfig(2, 2, 4, xs=X_SHARED)
     with pytest.raises(ValueError, match="x of one row .* needs mt = 1"):
@@ -64,12 +67,15 @@ def test_name_expression_and_count():
     side_by_side = KernelSpec(2, 128, "float16", TileConfig(2, 4, 1, wn=4, xs=X_SHARED, lut_copies=16))
     assert side_by_side.name_expression == "cuflute::lut_gemm<2, 128, __half, 2, 4, 4, 1, 2, 2, 16>"
     assert side_by_side.threads == 128
-    # 3 bit widths x 5 groups x 2 dtypes a config, but eight tiles a warp not with groups of 32
-    # or 64, and ten not with 3-bit codes
-    eight_tiles = sum(c.mt * c.nt >= 8 for c in TILE_CONFIGS)
-    ten_tiles = sum(c.mt * c.nt >= 10 for c in TILE_CONFIGS)
-    assert ten_tiles >= 1
-    assert len(all_specs()) == 2 * (15 * len(TILE_CONFIGS) - 3 * 2 * eight_tiles - 3 * ten_tiles)
+    # 3 bit widths x 5 groups x 2 dtypes a config, but eight to fifteen tiles a warp not with
+    # groups of 32 or 64, ten to fifteen not with 3-bit codes, and 32 (the A operand scaled) not
+    # with 3-bit codes and one group a row
+    summed = [c for c in TILE_CONFIGS if not c.scales_a_operand]
+    eight_tiles = sum(c.mt * c.nt >= 8 for c in summed)
+    ten_tiles = sum(c.mt * c.nt >= 10 for c in summed)
+    thirty_two = sum(c.mt * c.nt >= 32 for c in TILE_CONFIGS)
+    assert ten_tiles >= 1 and thirty_two >= 1
+    assert len(all_specs()) == 2 * (15 * len(TILE_CONFIGS) - 3 * 2 * eight_tiles - 3 * ten_tiles - thirty_two)
 
 
 def test_cluster_configs_split_k_on_sm90_only():

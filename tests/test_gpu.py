@@ -111,6 +111,28 @@ def test_every_tile_config_matches_reference(config, bits, group_size, n, k):
         assert err < REL_ERROR_BOUND["float16"], f"rel error {err:.2e}: {where}"
 
 
+SCALED_A_CASES = [(c, bits, g) for c in TILE_CONFIGS if c.scales_a_operand
+                  for bits, g in [(4, 128), (3, 64), (2, None)] if instantiated(bits, g or 0, c)]
+
+
+@pytest.mark.parametrize("config, bits, group_size", SCALED_A_CASES, ids=str)
+def test_scaled_a_operand_configs_in_bfloat16(config, bits, group_size):
+    """The configs that scale the looked-up weight in the activations' dtype (bfloat16's products
+    differ most from float32's), over part of an m block, one, and two."""
+    if config.needs_clusters and not _has_clusters():
+        pytest.skip("thread-block clusters need compute capability 9.0")
+    n, k = 1000, 2304
+    packed, w64 = _weight(n, k, bits, group_size, "bfloat16")
+    for m in (config.block_m // 2 + 1, config.block_m, config.block_m + 3):
+        x64 = _random_x(m, k, "bfloat16", seed=zlib.crc32(repr((m, str(config))).encode()))
+        out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+        y64 = cuflute.qgemm(_to_torch(x64, "bfloat16"), packed, out=out, config=config).double().cpu().numpy()
+        where = f"{config} {bits=} group={group_size} {m=}"
+        assert np.all(np.isfinite(y64)), f"unwritten or non-finite outputs: {where}"
+        err = _rel_error(y64, x64 @ w64.T)
+        assert err < REL_ERROR_BOUND["bfloat16"], f"rel error {err:.2e}: {where}"
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_one_hot_rows_read_back_weight_columns_exactly(bits, dtype):
