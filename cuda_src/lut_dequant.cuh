@@ -38,7 +38,7 @@ lut_dequant(const uint4* __restrict__ qweight, const u32* __restrict__ scales,
     const int tile = static_cast<int>(unit / k_chunks), c = static_cast<int>(unit % k_chunks);
 
     u32 words[Layout::kWords];
-    unpack_code_words<BITS>(words, qweight + unit * BITS * 32 + lane, [](const uint4* q) { return __ldg(q); });
+    unpack_code_words<BITS>(words, qweight + unit * BITS * 32 + lane);
     // Steps 2j and 2j + 1 give a lane 8 consecutive k of each of its two rows (pairs p and p + 2
     // of each step, see lut_gemm.cuh): one 16-byte store per row, 64 contiguous bytes per row
     // across the 4 lanes of a group, whole sectors.

@@ -180,6 +180,16 @@ template <int BITS, int GROUP, int NT, int MT, int XS = kXGlobal> struct WarpTil
   static constexpr int kBatches = kStepsPerChunk / 2 / kPairsPerBatch;
   using Codes = u32[NT][kWords];
   using Scales = u32[NT][kGroupsPerChunk];
+  // A lane's code vector v of tile nt, and its scale word of group j of tile nt, in a stage (the
+  // stage's bytes: the code vectors, then the scale words, then from kXOffset on x).
+  static __device__ __forceinline__ uint4 stage_code_vector(const unsigned char* stage, int lane,
+                                                            int nt, int v) {
+    return reinterpret_cast<const uint4*>(stage)[32 * (nt * BITS + v) + lane];
+  }
+  static __device__ __forceinline__ u32 stage_scale(const unsigned char* stage, int lane, int nt,
+                                                    int j) {
+    return reinterpret_cast<const u32*>(stage + 32 * 16 * kCodeVectors)[32 * (nt * kGroupsPerChunk + j) + lane];
+  }
   using XBatch = uint4[kPairsPerBatch][MT];
   using Acc = float[NT][MT][4];
 };
@@ -367,18 +377,21 @@ __device__ __forceinline__ void copy_x_row_async(uint4* dst, const uint4* x_row,
   copy_async_16(dst + lane, x_row + c * kChunkK / 8 + lane, c * kChunkK + 8 * lane < K);
 }
 
+// Words 4v to 4v + 3 of a lane's code words: its code vector v.
+template <int BITS>
+__device__ __forceinline__ void set_code_vector(u32 (&w)[4 * BITS], int v, const uint4& q) {
+  w[4 * v + 0] = q.x;
+  w[4 * v + 1] = q.y;
+  w[4 * v + 2] = q.z;
+  w[4 * v + 3] = q.w;
+}
+
 // A lane's 4 * BITS code words of one (tile, chunk) from its BITS 16-byte vectors, 32 vectors
-// apart from src, its first (the packed layout, in global memory or in a stage); load reads one.
-template <int BITS, typename Load>
-__device__ __forceinline__ void unpack_code_words(u32 (&w)[4 * BITS], const uint4* src, Load load) {
+// apart from src, its first (the packed layout in global memory).
+template <int BITS>
+__device__ __forceinline__ void unpack_code_words(u32 (&w)[4 * BITS], const uint4* src) {
 #pragma unroll
-  for (int v = 0; v < BITS; ++v) {
-    const uint4 q = load(src + 32 * v);
-    w[4 * v + 0] = q.x;
-    w[4 * v + 1] = q.y;
-    w[4 * v + 2] = q.z;
-    w[4 * v + 3] = q.w;
-  }
+  for (int v = 0; v < BITS; ++v) set_code_vector<BITS>(w, v, __ldg(src + 32 * v));
 }
 
 template <int BITS, int GROUP, int NT, int MT>
@@ -386,13 +399,12 @@ __device__ __forceinline__ void read_stage(const unsigned char* stage, int lane,
                                            typename WarpTile<BITS, GROUP, NT, MT>::Codes& w,
                                            typename WarpTile<BITS, GROUP, NT, MT>::Scales& sw) {
   using Tile = WarpTile<BITS, GROUP, NT, MT>;
-  const uint4* codes_src = reinterpret_cast<const uint4*>(stage) + lane;
-  const u32* scales_src = reinterpret_cast<const u32*>(stage + 32 * 16 * Tile::kCodeVectors) + lane;
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
-    unpack_code_words<BITS>(w[nt], codes_src + 32 * nt * BITS, [](const uint4* q) { return *q; });
 #pragma unroll
-    for (int j = 0; j < Tile::kGroupsPerChunk; ++j) sw[nt][j] = scales_src[32 * (nt * Tile::kGroupsPerChunk + j)];
+    for (int v = 0; v < BITS; ++v) set_code_vector<BITS>(w[nt], v, Tile::stage_code_vector(stage, lane, nt, v));
+#pragma unroll
+    for (int j = 0; j < Tile::kGroupsPerChunk; ++j) sw[nt][j] = Tile::stage_scale(stage, lane, nt, j);
   }
 }
 
@@ -462,8 +474,6 @@ __device__ __forceinline__ void mma_chunk(typename WarpTile<BITS, GROUP, NT, MT>
   float part[NT][MT][4];
   // kScaleA: the current group's scales of rows gid and gid + 8, each in both halves of a word.
   u32 scale_lo[NT], scale_hi[NT];
-  const uint4* codes_src = reinterpret_cast<const uint4*>(stage) + lane;
-  const u32* scales_src = reinterpret_cast<const u32*>(stage + 32 * 16 * Tile::kCodeVectors) + lane;
 #pragma unroll
   for (int batch = 0; batch < Tile::kBatches; ++batch) {
     const int j0 = batch * Tile::kPairsPerBatch;
@@ -482,15 +492,9 @@ __device__ __forceinline__ void mma_chunk(typename WarpTile<BITS, GROUP, NT, MT>
         for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
           for (int v = 0; v < BITS; ++v)
-            if (Layout::first_step(v) == s) {
-              const uint4 q = codes_src[32 * (nt * BITS + v)];
-              w[nt][4 * v + 0] = q.x;
-              w[nt][4 * v + 1] = q.y;
-              w[nt][4 * v + 2] = q.z;
-              w[nt][4 * v + 3] = q.w;
-            }
+            if (Layout::first_step(v) == s) set_code_vector<BITS>(w[nt], v, Tile::stage_code_vector(stage, lane, nt, v));
           if (GROUP != 0 && s % kStepsPerGroup == 0) {
-            const u32 scale = scales_src[32 * (nt * Tile::kGroupsPerChunk + s / kStepsPerGroup)];
+            const u32 scale = Tile::stage_scale(stage, lane, nt, s / kStepsPerGroup);
             scale_lo[nt] = __byte_perm(scale, 0, 0x1010);
             scale_hi[nt] = __byte_perm(scale, 0, 0x3232);
           }

@@ -158,7 +158,7 @@ TILE_CONFIGS = (
     TileConfig(nt=2, mt=4, wn=2, wk=1, xs=X_SHARED, lut_copies=16, ks=2),
     TileConfig(nt=2, mt=4, wn=4, wk=1, xs=X_SHARED, lut_copies=16, ks=2),
     # 16 and 32 tiles a warp, the A operand scaled (TileConfig.scales_a_operand): every weight
-    # looked up once for 32 or 64 rows of x (docs/PERF_NOTES.md v24)
+    # looked up once for 32 or 64 rows of x (docs/PERF_NOTES.md v24, v26)
     TileConfig(nt=4, mt=4, wn=2, wk=2, xs=X_SHARED, ks=2),
     TileConfig(nt=2, mt=8, wn=4, wk=1, xs=X_SHARED),
     TileConfig(nt=4, mt=8, wn=4, wk=1, xs=X_SHARED),
