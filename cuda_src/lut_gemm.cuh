@@ -43,7 +43,8 @@
 //                     fragments take along with the codes (at M >= 16 most x loads miss L1, and
 //                     one batch ahead is too short for L2's latency);
 //           kXShared  one copy a stage for the WN warps of a K slice, each copying 1/WN of the
-//                     pieces, in the same per-lane order; a named barrier per chunk (WN > 1)
+//                     pieces (whole m tiles where WN divides MT, else every WN-th step pair of
+//                     each), in the same per-lane order; a named barrier per chunk (WN > 1)
 //           kXRow     M = 1 only (MT = 1): the warp's pipeline stage holds the chunk's 256 values
 //                     of the one row, 512 bytes in k order, instead of kXWarp's 8 rows of
 //                     fragments (4 KiB, 7/8 of it zeros at M = 1): more CTAs an SM
@@ -669,6 +670,20 @@ __device__ __forceinline__ void lut_gemm_cta(const T* __restrict__ x, long long 
   bool row_valid[MT];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) row_valid[mt] = m0 + 8 * mt + gid < M;
+  // kXShared where WN divides MT: warp wn copies m tiles [wn MT / WN, (wn + 1) MT / WN) of each
+  // chunk's x whole, from MT / WN row addresses a lane; ptxas rebuilds a lane's row addresses
+  // every chunk, and copying step pairs of every m tile needed all MT of them
+  // (docs/PERF_NOTES.md v27: 1092 -> 1058 instructions a chunk for nt2_mt8_wn4_wk1).
+  constexpr bool kXByTiles = XS == kXShared && MT % WN == 0;
+  constexpr int kPartTiles = kXByTiles ? MT / WN : 1;
+  const uint4* x_part[kPartTiles];
+  bool part_valid[kPartTiles];
+  if constexpr (kXByTiles) {
+    const int part_m0 = m0 + 8 * kPartTiles * wn;
+    x_rows<T, kPartTiles>(x_part, x, x_row_stride, part_m0, M, lane);
+#pragma unroll
+    for (int mt = 0; mt < kPartTiles; ++mt) part_valid[mt] = part_m0 + 8 * mt + gid < M;
+  }
 
   typename Tile::Acc acc;
 #pragma unroll
@@ -699,7 +714,11 @@ __device__ __forceinline__ void lut_gemm_cta(const T* __restrict__ x, long long 
   auto issue_x_and_commit = [&](int i) {
     if (i < my_chunks) {
       if constexpr (XS == kXWarp) copy_x_async<MT, 1>(x_stage(i), x_lane, row_valid, chunk(i), K, 0, lane);
-      if constexpr (XS == kXShared) copy_x_async<MT, WN>(x_stage(i), x_lane, row_valid, chunk(i), K, wn, lane);
+      if constexpr (kXByTiles)
+        copy_x_async<kPartTiles, 1>(x_stage(i) + 32 * (kStepsPerChunk / 2) * kPartTiles * wn, x_part,
+                                    part_valid, chunk(i), K, 0, lane);
+      else if constexpr (XS == kXShared)
+        copy_x_async<MT, WN>(x_stage(i), x_lane, row_valid, chunk(i), K, wn, lane);
       if constexpr (XS == kXRow)  // M = 1: the row is x's first
         copy_x_row_async(x_copy(i), reinterpret_cast<const uint4*>(x), chunk(i), K, lane);
     }

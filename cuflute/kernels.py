@@ -162,6 +162,13 @@ TILE_CONFIGS = (
     TileConfig(nt=4, mt=4, wn=2, wk=2, xs=X_SHARED, ks=2),
     TileConfig(nt=2, mt=8, wn=4, wk=1, xs=X_SHARED),
     TileConfig(nt=4, mt=8, wn=4, wk=1, xs=X_SHARED),
+    # nt2_mt8 with K split over a cluster of two or four, for the shapes whose strips of 128 rows
+    # are too few or leave part of a wave, and eight of its warps on one x stage (two a
+    # scheduler), alone or with K split in two (docs/PERF_NOTES.md v27)
+    TileConfig(nt=2, mt=8, wn=4, wk=1, xs=X_SHARED, ks=2),
+    TileConfig(nt=2, mt=8, wn=4, wk=1, xs=X_SHARED, ks=4),
+    TileConfig(nt=2, mt=8, wn=8, wk=1, xs=X_SHARED),
+    TileConfig(nt=2, mt=8, wn=8, wk=1, xs=X_SHARED, ks=2),
 )
 
 
