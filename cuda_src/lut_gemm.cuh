@@ -409,15 +409,17 @@ __device__ __forceinline__ void read_stage(const unsigned char* stage, int lane,
   }
 }
 
-// B fragments come from x[m0 + 8 mt + gid][32 j + 8 tig, +8). Rows past M read row M-1
-// instead: their output columns are never stored.
+// B fragments come from x[m0 + 8 mt + gid][32 j + 8 tig, +8); row_valid[mt]: that row is one of
+// x's M. Rows past M read row M-1 instead (copies zero-fill them): their output columns are never
+// stored.
 template <typename T, int MT>
-__device__ __forceinline__ void x_rows(const uint4* (&x_lane)[MT], const T* x, long long x_row_stride,
-                                       int m0, int M, int lane) {
+__device__ __forceinline__ void x_rows(const uint4* (&x_lane)[MT], bool (&row_valid)[MT], const T* x,
+                                       long long x_row_stride, int m0, int M, int lane) {
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
-    const int m = min(m0 + 8 * mt + (lane >> 2), M - 1);
-    x_lane[mt] = reinterpret_cast<const uint4*>(x + (long long)m * x_row_stride + 8 * (lane & 3));
+    const int row = m0 + 8 * mt + (lane >> 2);
+    row_valid[mt] = row < M;
+    x_lane[mt] = reinterpret_cast<const uint4*>(x + (long long)min(row, M - 1) * x_row_stride + 8 * (lane & 3));
   }
 }
 
@@ -666,10 +668,8 @@ __device__ __forceinline__ void lut_gemm_cta(const T* __restrict__ x, long long 
   const int cta_chunks = KS > 1 ? max(0, min(split_chunks, k_chunks - chunk0)) : k_chunks;
 
   const uint4* x_lane[MT];
-  x_rows<T, MT>(x_lane, x, x_row_stride, m0, M, lane);
   bool row_valid[MT];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) row_valid[mt] = m0 + 8 * mt + gid < M;
+  x_rows<T, MT>(x_lane, row_valid, x, x_row_stride, m0, M, lane);
   // kXShared where WN divides MT: warp wn copies m tiles [wn MT / WN, (wn + 1) MT / WN) of each
   // chunk's x whole, from MT / WN row addresses a lane; ptxas rebuilds a lane's row addresses
   // every chunk, and copying step pairs of every m tile needed all MT of them
@@ -679,10 +679,14 @@ __device__ __forceinline__ void lut_gemm_cta(const T* __restrict__ x, long long 
   const uint4* x_part[kPartTiles];
   bool part_valid[kPartTiles];
   if constexpr (kXByTiles) {
-    const int part_m0 = m0 + 8 * kPartTiles * wn;
-    x_rows<T, kPartTiles>(x_part, x, x_row_stride, part_m0, M, lane);
+    x_rows<T, kPartTiles>(x_part, part_valid, x, x_row_stride, m0 + 8 * kPartTiles * wn, M, lane);
+    // An empty asm that reads and writes each address: ptxas then keeps them in registers
+    // instead of rebuilding them from x, m0 and wn every chunk (docs/PERF_NOTES.md v28). Not at
+    // 32 tiles a warp, whose registers are all taken (3-bit nt4_mt8 spills with them on sm_80).
+    if constexpr (NT * MT <= 16) {
 #pragma unroll
-    for (int mt = 0; mt < kPartTiles; ++mt) part_valid[mt] = part_m0 + 8 * mt + gid < M;
+      for (int mt = 0; mt < kPartTiles; ++mt) asm volatile("" : "+l"(x_part[mt]));
+    }
   }
 
   typename Tile::Acc acc;

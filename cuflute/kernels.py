@@ -157,6 +157,13 @@ TILE_CONFIGS = (
     TileConfig(nt=2, mt=2, wn=2, wk=2, xs=X_SHARED, ks=2),
     TileConfig(nt=2, mt=4, wn=2, wk=1, xs=X_SHARED, lut_copies=16, ks=2),
     TileConfig(nt=2, mt=4, wn=4, wk=1, xs=X_SHARED, lut_copies=16, ks=2),
+    # M = 16: x read once for 128 rows of W (half of what nt4_mt2_wk4 reads from L2 a weight
+    # byte), with K split over a cluster of two or four for the shapes with 64 or 32 such strips.
+    # They won 2 of the 192 tuned cells from M = 16, by ties: L2 is not what limits M = 16
+    # (docs/PERF_NOTES.md v28); kept while the committed benchmark runs them
+    TileConfig(nt=2, mt=2, wn=4, wk=1, xs=X_SHARED, ks=2),
+    TileConfig(nt=2, mt=2, wn=4, wk=1, xs=X_SHARED, ks=4),
+    TileConfig(nt=4, mt=2, wn=2, wk=2, xs=X_SHARED, ks=2),
     # 16 and 32 tiles a warp, the A operand scaled (TileConfig.scales_a_operand): every weight
     # looked up once for 32 or 64 rows of x (docs/PERF_NOTES.md v24, v26)
     TileConfig(nt=4, mt=4, wn=2, wk=2, xs=X_SHARED, ks=2),
