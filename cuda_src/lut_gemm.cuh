@@ -335,17 +335,18 @@ __device__ __forceinline__ void copy_chunk_async(unsigned char* stage, const uin
   }
 }
 
-// kXWarp, kXShared: start copying the x pieces of chunk c that this lane's B fragments take
-// (x_lane, as load_x reads them) to dst, the lane's first piece; rows past M and k past K are
-// zero-filled, not read. Piece mt * 8 + j goes when j is `part` modulo PARTS: PARTS warps fill one
-// copy between them. A warp's j are part, part + PARTS, ...: a run-time offset, not a test of
-// every piece (which cost each warp the address and predicate of all the pieces it skipped:
-// docs/PERF_NOTES.md v24). PARTS == 1 keeps the loop order it had, whose registers ptxas fits
-// in 255 for five n tiles of two m tiles (the other spills).
+// kXWarp, kXShared: start copying the x pieces of chunk c that this lane's B fragments of m tiles
+// [first_tile, first_tile + MT) take (x_lane, as load_x reads them) into the chunk's copy, whose
+// first piece of this lane is dst; rows past M and k past K are zero-filled, not read. Piece
+// (first_tile + mt) * 8 + j goes when j is `part` modulo PARTS: PARTS warps fill one copy between
+// them. A warp's j are part, part + PARTS, ...: a run-time offset, not a test of every piece
+// (which cost each warp the address and predicate of all the pieces it skipped: docs/PERF_NOTES.md
+// v24). PARTS == 1 keeps the loop order it had, whose registers ptxas fits in 255 for five n tiles
+// of two m tiles (the other spills).
 template <int MT, int PARTS>
 __device__ __forceinline__ void copy_x_async(uint4* dst, const uint4* const (&x_lane)[MT],
                                              const bool (&row_valid)[MT], int c, int K, int part,
-                                             int lane) {
+                                             int first_tile, int lane) {
   constexpr int kPairs = kStepsPerChunk / 2;
   static_assert(kPairs % PARTS == 0, "PARTS warps must split a chunk's 8 step pairs evenly");
   if constexpr (PARTS == 1) {
@@ -354,7 +355,7 @@ __device__ __forceinline__ void copy_x_async(uint4* dst, const uint4* const (&x_
 #pragma unroll
       for (int j = 0; j < kPairs; ++j) {
         const int k = c * kChunkK + 32 * j + 8 * (lane & 3);
-        copy_async_16(dst + 32 * (mt * kPairs + j), x_lane[mt] + (c * kChunkK + 32 * j) / 8,
+        copy_async_16(dst + 32 * ((first_tile + mt) * kPairs + j), x_lane[mt] + (c * kChunkK + 32 * j) / 8,
                       row_valid[mt] && k < K);
       }
   } else {
@@ -366,7 +367,8 @@ __device__ __forceinline__ void copy_x_async(uint4* dst, const uint4* const (&x_
       const bool k_valid = full_chunk || k + 8 * (lane & 3) < K;
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
-        copy_async_16(dst + 32 * (mt * kPairs + j), x_lane[mt] + k / 8, row_valid[mt] && k_valid);
+        copy_async_16(dst + 32 * ((first_tile + mt) * kPairs + j), x_lane[mt] + k / 8,
+                      row_valid[mt] && k_valid);
     }
   }
 }
@@ -717,12 +719,11 @@ __device__ __forceinline__ void lut_gemm_cta(const T* __restrict__ x, long long 
   // so that wait_group counts chunks).
   auto issue_x_and_commit = [&](int i) {
     if (i < my_chunks) {
-      if constexpr (XS == kXWarp) copy_x_async<MT, 1>(x_stage(i), x_lane, row_valid, chunk(i), K, 0, lane);
+      if constexpr (XS == kXWarp) copy_x_async<MT, 1>(x_stage(i), x_lane, row_valid, chunk(i), K, 0, 0, lane);
       if constexpr (kXByTiles)
-        copy_x_async<kPartTiles, 1>(x_stage(i) + 32 * (kStepsPerChunk / 2) * kPartTiles * wn, x_part,
-                                    part_valid, chunk(i), K, 0, lane);
+        copy_x_async<kPartTiles, 1>(x_stage(i), x_part, part_valid, chunk(i), K, 0, kPartTiles * wn, lane);
       else if constexpr (XS == kXShared)
-        copy_x_async<MT, WN>(x_stage(i), x_lane, row_valid, chunk(i), K, wn, lane);
+        copy_x_async<MT, WN>(x_stage(i), x_lane, row_valid, chunk(i), K, wn, 0, lane);
       if constexpr (XS == kXRow)  // M = 1: the row is x's first
         copy_x_row_async(x_copy(i), reinterpret_cast<const uint4*>(x), chunk(i), K, lane);
     }
