@@ -159,8 +159,9 @@ TILE_CONFIGS = (
     TileConfig(nt=2, mt=4, wn=4, wk=1, xs=X_SHARED, lut_copies=16, ks=2),
     # M = 16: x read once for 128 rows of W (half of what nt4_mt2_wk4 reads from L2 a weight
     # byte), with K split over a cluster of two or four for the shapes with 64 or 32 such strips.
-    # They won 2 of the 192 tuned cells from M = 16, by ties: L2 is not what limits M = 16
-    # (docs/PERF_NOTES.md v28); kept while the committed benchmark runs them
+    # They won 2 of the 192 tuned cells from M = 16 by ties (v28): L2 is not what limits M = 16.
+    # The v29 retune of M = 16 picks the first for one cell and the second for two (3-bit,
+    # 10240 and 57344 rows), the third for none (docs/PERF_NOTES.md v28, v29)
     TileConfig(nt=2, mt=2, wn=4, wk=1, xs=X_SHARED, ks=2),
     TileConfig(nt=2, mt=2, wn=4, wk=1, xs=X_SHARED, ks=4),
     TileConfig(nt=4, mt=2, wn=2, wk=2, xs=X_SHARED, ks=2),
