@@ -24,7 +24,7 @@ lut_dequant(const uint4* __restrict__ qweight, const u32* __restrict__ scales,
   using Traits = DTypeTraits<T>;
   extern __shared__ __align__(16) unsigned char smem[];
   check_dynamic_shared(Layout::kLutBytes);
-  fill_lut<BITS, Layout::kLutCopies, 32 * kDequantWarps>(smem, pair_lut, threadIdx.x);
+  fill_lut<BITS, Layout::kLutCopies, 0, 32 * kDequantWarps>(smem, pair_lut, threadIdx.x);
   __syncthreads();
 
   const int lane = threadIdx.x & 31;

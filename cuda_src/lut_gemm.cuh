@@ -49,13 +49,15 @@
 //                     of the one row, 512 bytes in k order, instead of kXWarp's 8 rows of
 //                     fragments (4 KiB, 7/8 of it zeros at M = 1): more CTAs an SM
 //   COPIES  copies of the pair LUT in shared memory: 32 or 16 (CodeLayout)
+//   WIDE    1: the LUT's entries 256 bytes apart, not 4 * COPIES (32 copies; 4-bit lookups one
+//           prmt each: CodeLayout)
 //   KS      CTAs of a cluster splitting K (lut_gemm_split; 1: lut_gemm, no cluster)
 //
 // Dynamic shared memory (cuflute.kernels.KernelSpec.shared_bytes computes the same):
-//   [pair LUT x COPIES][STAGES][WN * WK warps][NT * BITS code vectors][32 lanes] uint4
-//                                           [NT * groups per chunk][32 lanes]  u32
-//                                 kXWarp:  [MT][8 step pairs][32 lanes]       uint4 (x)
-//                                 kXRow:   [256 k of row m0]                  T     (x)
+//   [pair LUT x COPIES (x 2: WIDE)][STAGES][WN * WK warps][NT * BITS code vectors][32 lanes] uint4
+//                                                         [NT * groups per chunk][32 lanes]  u32
+//                                                kXWarp:  [MT][8 step pairs][32 lanes]       uint4 (x)
+//                                                kXRow:   [256 k of row m0]                  T     (x)
 //   kXShared: [STAGES][WK K slices][MT][8 step pairs][32 lanes]               uint4 (x)
 //   and, once the K loop is over, the warps' partial sums from the start (WK > 1 or KS > 1).
 //
@@ -120,7 +122,7 @@ template <u32 MASK> __device__ __forceinline__ u32 select_bits(u32 a, u32 b) {
   return d;
 }
 
-template <int BITS, int COPIES = 32> struct CodeLayout {
+template <int BITS, int COPIES = 32, int WIDE = 0> struct CodeLayout {
   static_assert(BITS >= 2 && BITS <= 4, "BITS must be 2, 3 or 4");
   static constexpr int kWords = 4 * BITS;                 // per lane per (tile, chunk)
   static constexpr int kLutEntries = 1 << (2 * BITS);
@@ -130,9 +132,18 @@ template <int BITS, int COPIES = 32> struct CodeLayout {
   // l and l + 16 share one and collide when their entries differ by an even number (half the
   // size, so more CTAs an SM where shared memory is what limits them).
   static constexpr int kLutCopies = COPIES;
-  static constexpr int kEntryShift = COPIES == 32 ? 7 : COPIES == 16 ? 6 : 5;
-  static_assert(4 * kLutCopies == 1 << kEntryShift, "COPIES must be 8, 16 or 32");
-  static constexpr int kLutBytes = kLutEntries * kLutCopies * 4;
+  // WIDE: the entries 256 bytes apart instead of 128 (32 copies), the upper half of each unused,
+  // so that a 4-bit pair's field, a byte of its code word, becomes the entry's byte offset by
+  // moving it to bits 8 to 15 with one byte permute that also brings in the lane's bank: one
+  // prmt a lookup instead of a shift and a lop3 (docs/PERF_NOTES.md v29).
+  static_assert(WIDE == 0 || COPIES == 32, "a wide LUT has 32 copies");
+  static constexpr int kEntryShift = (COPIES == 32 ? 7 : COPIES == 16 ? 6 : 5) + WIDE;
+  static_assert(4 * kLutCopies << WIDE == 1 << kEntryShift, "COPIES must be 8, 16 or 32");
+  static constexpr int kLutBytes = kLutEntries << kEntryShift;
+  // Byte offset of the 16 bytes (four copies) of dense vector i, i / (COPIES / 4) the entry.
+  static __device__ constexpr u32 vector_offset(u32 i) {
+    return (i / (kLutCopies / 4)) << kEntryShift | 16 * (i % (kLutCopies / 4));
+  }
 
   // The first of a chunk's mma steps that reads a lane's code vector v (words 4v to 4v + 3):
   // step s reads word s (4 bits), s / 2 (2 bits), or s / 2 and 8 + s / 4 (3 bits).
@@ -145,7 +156,9 @@ template <int BITS, int COPIES = 32> struct CodeLayout {
   static __device__ __forceinline__ u32 lut_offset(const u32 (&w)[kWords], int s, int p,
                                                    u32 lane_bytes) {
     constexpr int e = kEntryShift;
-    if constexpr (BITS == 4) {
+    if constexpr (BITS == 4 && WIDE) {
+      return __byte_perm(w[s], lane_bytes, 0x5504 | p << 4);  // {0, 0, byte p, lane_bytes}
+    } else if constexpr (BITS == 4) {
       return (move_bits(w[s], 8 * p, e) & (0xFFu << e)) | lane_bytes;
     } else if constexpr (BITS == 2) {
       return (move_bits(w[s >> 1], 16 * (s & 1) + 4 * p, e) & (0xFu << e)) | lane_bytes;
@@ -196,10 +209,10 @@ template <int BITS, int GROUP, int NT, int MT, int XS = kXGlobal> struct WarpTil
 };
 
 template <int BITS, int GROUP, int NT, int MT, int WARPS, int WK, int STAGES, int XS, int COPIES,
-          int KS>
+          int WIDE, int KS>
 struct SharedLayout {
   using Tile = WarpTile<BITS, GROUP, NT, MT, XS>;
-  static constexpr int kLutBytes = CodeLayout<BITS, COPIES>::kLutBytes;
+  static constexpr int kLutBytes = CodeLayout<BITS, COPIES, WIDE>::kLutBytes;
   static constexpr int kWarpStagesBytes = STAGES * WARPS * Tile::kStageBytes;
   static constexpr int kSharedXBytes = XS == kXShared ? STAGES * WK * Tile::kXBytes : 0;
   static constexpr int kPipelineBytes = kLutBytes + kWarpStagesBytes + kSharedXBytes;
@@ -290,13 +303,13 @@ __device__ __forceinline__ void check_dynamic_shared(u32 needed) {
 // THREADS threads. Each thread issues all its loads before its first store, so that it waits
 // out one L2 latency, not one a store (the LUT is built while the first chunks are in flight,
 // and every CTA builds it).
-template <int BITS, int COPIES, int THREADS>
+template <int BITS, int COPIES, int WIDE, int THREADS>
 __device__ __forceinline__ void fill_lut(unsigned char* smem, const u32* __restrict__ pair_lut,
                                          u32 thread) {
-  constexpr u32 kCopies = CodeLayout<BITS, COPIES>::kLutCopies;
-  constexpr u32 kVectors = CodeLayout<BITS, COPIES>::kLutBytes / 16;
+  using Layout = CodeLayout<BITS, COPIES, WIDE>;
+  constexpr u32 kCopies = Layout::kLutCopies;
+  constexpr u32 kVectors = Layout::kLutEntries * kCopies / 4;
   constexpr u32 kPerThread = (kVectors + THREADS - 1) / THREADS;
-  uint4* dst = reinterpret_cast<uint4*>(smem);
   u32 v[kPerThread];
 #pragma unroll
   for (u32 j = 0; j < kPerThread; ++j) {
@@ -306,7 +319,8 @@ __device__ __forceinline__ void fill_lut(unsigned char* smem, const u32* __restr
 #pragma unroll
   for (u32 j = 0; j < kPerThread; ++j) {
     const u32 i = thread + j * THREADS;
-    if (kVectors % THREADS == 0 || i < kVectors) dst[i] = make_uint4(v[j], v[j], v[j], v[j]);
+    if (kVectors % THREADS == 0 || i < kVectors)
+      *reinterpret_cast<uint4*>(smem + Layout::vector_offset(i)) = make_uint4(v[j], v[j], v[j], v[j]);
   }
 }
 
@@ -461,7 +475,7 @@ __device__ __forceinline__ void load_x_staged(typename WarpTile<BITS, GROUP, NT,
 // the next batch of x is in flight while one computes. With x from global memory, xv holds batch
 // 0 of chunk c_next (if c_next >= 0) on exit; with XS != kXGlobal, x comes from x_stage, the
 // stage's copy, and the caller loads batch 0.
-template <int BITS, int GROUP, typename T, int NT, int MT, int XS, int COPIES>
+template <int BITS, int GROUP, typename T, int NT, int MT, int XS, int COPIES, int WIDE>
 __device__ __forceinline__ void mma_chunk(typename WarpTile<BITS, GROUP, NT, MT>::Acc& acc,
                                           typename WarpTile<BITS, GROUP, NT, MT>::Codes& w,
                                           const typename WarpTile<BITS, GROUP, NT, MT>::Scales& sw,
@@ -472,7 +486,7 @@ __device__ __forceinline__ void mma_chunk(typename WarpTile<BITS, GROUP, NT, MT>
                                           const char* lut, u32 lane_bytes, int tig) {
   using Tile = WarpTile<BITS, GROUP, NT, MT>;
   using Traits = DTypeTraits<T>;
-  using Layout = CodeLayout<BITS, COPIES>;
+  using Layout = CodeLayout<BITS, COPIES, WIDE>;
   constexpr int kStepsPerGroup = Tile::kStepsPerGroup;
   constexpr bool kScaledSums = GROUP != 0 && !Tile::kScaleA;
   // Unscaled sums of the current group; GROUP == 0 and kScaleA sum straight into acc.
@@ -615,10 +629,11 @@ __host__ __device__ constexpr int min_ctas_per_sm(int nt, int mt, int warps, int
   return by_shared < by_warps ? (by_shared > 0 ? by_shared : 1) : by_warps;
 }
 
-template <int BITS, int GROUP, int NT, int MT, int WN, int WK, int STAGES, int XS, int COPIES, int KS>
+template <int BITS, int GROUP, int NT, int MT, int WN, int WK, int STAGES, int XS, int COPIES,
+          int WIDE, int KS>
 constexpr int kMinCtas = min_ctas_per_sm(
     NT, MT, WN * WK, GROUP,
-    SharedLayout<BITS, GROUP, NT, MT, WN * WK, WK, STAGES, XS, COPIES, KS>::kBytes);
+    SharedLayout<BITS, GROUP, NT, MT, WN * WK, WK, STAGES, XS, COPIES, WIDE, KS>::kBytes);
 
 // lut_gemm_split's cluster shape, on the targets that have clusters (the others never launch it:
 // it traps there).
@@ -629,7 +644,7 @@ constexpr int kMinCtas = min_ctas_per_sm(
 #endif
 
 template <int BITS, int GROUP, typename T, int NT, int MT, int WN, int WK, int STAGES, int XS,
-          int COPIES, int KS>
+          int COPIES, int WIDE, int KS>
 __device__ __forceinline__ void lut_gemm_cta(const T* __restrict__ x, long long x_row_stride,
                                              const uint4* __restrict__ qweight,
                                              const u32* __restrict__ scales,
@@ -637,7 +652,7 @@ __device__ __forceinline__ void lut_gemm_cta(const T* __restrict__ x, long long 
                                              int M, int N, int K, int k_chunks, int n_groups) {
   using Tile = WarpTile<BITS, GROUP, NT, MT, XS>;
   constexpr int kWarps = WN * WK;
-  using Smem = SharedLayout<BITS, GROUP, NT, MT, kWarps, WK, STAGES, XS, COPIES, KS>;
+  using Smem = SharedLayout<BITS, GROUP, NT, MT, kWarps, WK, STAGES, XS, COPIES, WIDE, KS>;
   static_assert(XS != kXShared || WN > 1, "kXShared is for WN > 1 warps along n (else kXWarp)");
   static_assert(XS != kXShared || WK < 16, "one named barrier per K slice: ids 1 to 15");
   static_assert(KS >= 1 && KS <= 8, "KS must be 1 to 8 (a portable cluster)");
@@ -741,7 +756,7 @@ __device__ __forceinline__ void lut_gemm_cta(const T* __restrict__ x, long long 
   launch_dependent_grids();
 #pragma unroll
   for (int i = 0; i < STAGES - 1; ++i) issue_weight(i);
-  fill_lut<BITS, COPIES, 32 * kWarps>(smem, pair_lut, threadIdx.x);
+  fill_lut<BITS, COPIES, WIDE, 32 * kWarps>(smem, pair_lut, threadIdx.x);
   wait_for_prior_grid();
 #pragma unroll
   for (int i = 0; i < STAGES - 1; ++i) issue_x_and_commit(i);
@@ -765,7 +780,7 @@ __device__ __forceinline__ void lut_gemm_cta(const T* __restrict__ x, long long 
     typename Tile::Scales sw;
     if constexpr (!Tile::kScaleA) read_stage<BITS, GROUP, NT, MT>(Smem::stage(smem, warp, i), lane, w, sw);
     if constexpr (kStagedX) load_x_staged<BITS, GROUP, NT, MT, XS>(xv, x_stage(i), 0);
-    mma_chunk<BITS, GROUP, T, NT, MT, XS, COPIES>(acc, w, sw, Smem::stage(smem, warp, i), lane, xv,
+    mma_chunk<BITS, GROUP, T, NT, MT, XS, COPIES, WIDE>(acc, w, sw, Smem::stage(smem, warp, i), lane, xv,
                                                   x_lane, x_stage(i), chunk(i),
                                                   i + 1 < my_chunks ? chunk(i + 1) : -1, K,
                                                   reinterpret_cast<const char*>(smem), lane_bytes, tig);
@@ -812,25 +827,25 @@ __device__ __forceinline__ void lut_gemm_cta(const T* __restrict__ x, long long 
 }
 
 template <int BITS, int GROUP, typename T, int NT, int MT, int WN, int WK, int STAGES, int XS,
-          int COPIES>
-__global__ void __launch_bounds__(32 * WN * WK, kMinCtas<BITS, GROUP, NT, MT, WN, WK, STAGES, XS, COPIES, 1>)
+          int COPIES, int WIDE>
+__global__ void __launch_bounds__(32 * WN * WK, kMinCtas<BITS, GROUP, NT, MT, WN, WK, STAGES, XS, COPIES, WIDE, 1>)
 lut_gemm(const T* __restrict__ x, long long x_row_stride,
          const uint4* __restrict__ qweight, const u32* __restrict__ scales,
          const u32* __restrict__ pair_lut, T* __restrict__ y,
          int M, int N, int K, int k_chunks, int n_groups) {
-  lut_gemm_cta<BITS, GROUP, T, NT, MT, WN, WK, STAGES, XS, COPIES, 1>(
+  lut_gemm_cta<BITS, GROUP, T, NT, MT, WN, WK, STAGES, XS, COPIES, WIDE, 1>(
       x, x_row_stride, qweight, scales, pair_lut, y, M, N, K, k_chunks, n_groups);
 }
 
 template <int BITS, int GROUP, typename T, int NT, int MT, int WN, int WK, int STAGES, int XS,
-          int COPIES, int KS>
+          int COPIES, int WIDE, int KS>
 __global__ void CUFLUTE_CLUSTER_ALONG_Z(KS)
-    __launch_bounds__(32 * WN * WK, kMinCtas<BITS, GROUP, NT, MT, WN, WK, STAGES, XS, COPIES, KS>)
+    __launch_bounds__(32 * WN * WK, kMinCtas<BITS, GROUP, NT, MT, WN, WK, STAGES, XS, COPIES, WIDE, KS>)
 lut_gemm_split(const T* __restrict__ x, long long x_row_stride,
                const uint4* __restrict__ qweight, const u32* __restrict__ scales,
                const u32* __restrict__ pair_lut, T* __restrict__ y,
                int M, int N, int K, int k_chunks, int n_groups) {
-  lut_gemm_cta<BITS, GROUP, T, NT, MT, WN, WK, STAGES, XS, COPIES, KS>(
+  lut_gemm_cta<BITS, GROUP, T, NT, MT, WN, WK, STAGES, XS, COPIES, WIDE, KS>(
       x, x_row_stride, qweight, scales, pair_lut, y, M, N, K, k_chunks, n_groups);
 }
 

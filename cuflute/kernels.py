@@ -42,7 +42,7 @@ _X_SUFFIX = {X_GLOBAL: "", X_WARP: "_xs", X_SHARED: "_xsh", X_ROW: "_xr"}
 _X_FROM_SUFFIX = {suffix: key for key, suffix in _X_SUFFIX.items()}
 # A config's name, as TileConfig.__str__ writes it (matched whole).
 _CONFIG_NAME = re.compile(r"nt(\d+)_mt(\d+)(?:_wn(\d+))?_wk(\d+)(?:_ks(\d+))?_s(\d+)(" +
-                          "|".join(filter(None, _X_SUFFIX.values())) + r")?(?:_c(\d+))?")
+                          "|".join(filter(None, _X_SUFFIX.values())) + r")?(?:_c(\d+))?(_wl)?")
 
 
 @dataclass(frozen=True, order=True)
@@ -51,7 +51,9 @@ class TileConfig:
     along n times WK warps splitting K, each warp's cp.async pipeline STAGES chunks deep; XS
     where x comes from (X_GLOBAL, X_WARP, X_SHARED, X_ROW: M = 1 only); LUT_COPIES copies of
     the pair LUT in shared memory (16: half the bytes, some bank conflicts); KS CTAs of a
-    thread-block cluster splitting K between them (sm_90 and later; 1: no cluster)."""
+    thread-block cluster splitting K between them (sm_90 and later; 1: no cluster); WIDE_LUT
+    the LUT's entries 256 bytes apart instead of 128 (twice the bytes, 32 copies only), so that
+    a 4-bit lookup's address is one byte permute (cuda_src/lut_gemm.cuh's CodeLayout)."""
 
     nt: int
     mt: int
@@ -61,6 +63,7 @@ class TileConfig:
     xs: int = X_GLOBAL
     lut_copies: int = LUT_COPIES
     ks: int = 1
+    wide_lut: bool = False
 
     def __post_init__(self):
         if self.mt not in (1, 2, 4, 8):
@@ -73,6 +76,8 @@ class TileConfig:
             raise ValueError("x shared by the warps along n (_xsh) needs wn >= 2")
         if self.xs == X_ROW and self.mt != 1:
             raise ValueError("x of one row (_xr) needs mt = 1")
+        if self.wide_lut and self.lut_copies != LUT_COPIES:
+            raise ValueError(f"a wide LUT (_wl) has {LUT_COPIES} copies, got {self.lut_copies}")
 
     @property
     def max_m(self) -> int | None:
@@ -116,7 +121,8 @@ class TileConfig:
         wn = f"_wn{self.wn}" if self.wn > 1 else ""
         ks = f"_ks{self.ks}" if self.ks > 1 else ""
         copies = f"_c{self.lut_copies}" if self.lut_copies != LUT_COPIES else ""
-        return f"nt{self.nt}_mt{self.mt}{wn}_wk{self.wk}{ks}_s{self.stages}{_X_SUFFIX[self.xs]}{copies}"
+        wide = "_wl" if self.wide_lut else ""
+        return f"nt{self.nt}_mt{self.mt}{wn}_wk{self.wk}{ks}_s{self.stages}{_X_SUFFIX[self.xs]}{copies}{wide}"
 
 
 # For compilation time, only the shapes that the dispatcher and the tuner use are instantiated.
@@ -177,6 +183,16 @@ TILE_CONFIGS = (
     TileConfig(nt=2, mt=8, wn=4, wk=1, xs=X_SHARED, ks=4),
     TileConfig(nt=2, mt=8, wn=8, wk=1, xs=X_SHARED),
     TileConfig(nt=2, mt=8, wn=8, wk=1, xs=X_SHARED, ks=2),
+    # 4-bit, the LUT's entries 256 bytes apart: a lookup's address is one prmt, not a shift and
+    # a lop3 (nt4_mt2_wk4 1269 -> 1013 instructions a chunk, nt2_mt8_wn4_wk1 1032 -> 904; sm_90),
+    # for 32 KiB more shared memory: the configs the table picks most from M = 16 whose CTAs an
+    # SM that does not lower (docs/PERF_NOTES.md v29)
+    TileConfig(nt=4, mt=2, wk=4, xs=X_WARP, wide_lut=True),
+    TileConfig(nt=2, mt=2, wk=4, xs=X_WARP, wide_lut=True),
+    TileConfig(nt=4, mt=4, wn=2, wk=2, xs=X_SHARED, ks=2, wide_lut=True),
+    TileConfig(nt=2, mt=8, wn=4, wk=1, xs=X_SHARED, ks=2, wide_lut=True),
+    TileConfig(nt=2, mt=8, wn=8, wk=1, xs=X_SHARED, wide_lut=True),
+    TileConfig(nt=2, mt=8, wn=8, wk=1, xs=X_SHARED, ks=2, wide_lut=True),
 )
 
 
@@ -187,7 +203,10 @@ def instantiated(bits: int, group: int, tile: TileConfig) -> bool:
     64 k (nt4_mt2: 3-bit bfloat16 with groups of 64 on sm_90), and ten (five n tiles of two m
     tiles) with 3-bit codes, whose fields take a select more a step. A warp that scales the A
     operand (16 tiles or more) keeps no group sums, so small groups cost it nothing; at 32 tiles
-    (four n tiles of eight m tiles) only 3-bit codes with one group a row spill (sm_90)."""
+    (four n tiles of eight m tiles) only 3-bit codes with one group a row spill (sm_90). A wide
+    LUT is for 4-bit codes only, the one width whose pair fields are whole bytes."""
+    if tile.wide_lut and bits != 4:
+        return False
     tiles = tile.mt * tile.nt
     if tile.scales_a_operand:
         return not (tiles >= 32 and bits == 3 and group == 0)
@@ -198,14 +217,14 @@ def tile_config_from_name(text: str) -> TileConfig:
     """'nt2_mt1_wk8_s3' -> TileConfig(2, 1, 8, 3), 'nt2_mt4_wn4_wk1_ks2_s2_xsh_c16' ->
     TileConfig(2, 4, 1, 2, wn=4, xs=X_SHARED, lut_copies=16, ks=2) (no _wn: one warp along n;
     no _ks: no cluster; _xs: X_WARP, _xsh: X_SHARED, _xr: X_ROW, none: X_GLOBAL; no _c:
-    LUT_COPIES), whether or not it is one of TILE_CONFIGS."""
+    LUT_COPIES; _wl: a wide LUT), whether or not it is one of TILE_CONFIGS."""
     match = _CONFIG_NAME.fullmatch(text.strip())
     if not match:
         raise ValueError(f"tile config must look like nt2_mt1_wk8_s3 or nt2_mt4_wn4_wk1_ks2_s2_xsh_c16, "
                          f"got {text!r}")
-    nt, mt, wn, wk, ks, stages, xs, copies = match.groups()
+    nt, mt, wn, wk, ks, stages, xs, copies, wide = match.groups()
     return TileConfig(int(nt), int(mt), int(wk), int(stages), int(wn or 1), _X_FROM_SUFFIX[xs or ""],
-                      int(copies or LUT_COPIES), int(ks or 1))
+                      int(copies or LUT_COPIES), int(ks or 1), wide is not None)
 
 
 def parse_tile_config(text: str) -> TileConfig:
@@ -219,9 +238,9 @@ def parse_tile_config(text: str) -> TileConfig:
     return config
 
 
-def lut_bytes(bits: int, copies: int) -> int:
+def lut_bytes(bits: int, copies: int, wide: bool = False) -> int:
     """Shared memory of the pair LUT: cuda_src/lut_gemm.cuh's CodeLayout::kLutBytes."""
-    return 4**bits * copies * 4
+    return 4**bits * copies * 4 * (2 if wide else 1)
 
 
 def _check_template_args(bits: int, group: int, dtype: str) -> None:
@@ -250,7 +269,7 @@ class KernelSpec:
     def shared_bytes(self) -> int:
         """Dynamic shared memory of a CTA: cuda_src/lut_gemm.cuh's SharedLayout."""
         t = self.tile
-        lut = lut_bytes(self.bits, t.lut_copies)
+        lut = lut_bytes(self.bits, t.lut_copies, t.wide_lut)
         groups_per_chunk = 1 if self.group == 0 else CHUNK_K // self.group
         x_bytes = 32 * 16 * t.mt * CHUNK_K // 32  # a chunk's x: 8 16-byte pieces a lane an m tile
         warp_stage = 32 * (16 * t.nt * self.bits + 4 * t.nt * groups_per_chunk)
@@ -268,7 +287,7 @@ class KernelSpec:
     def name_expression(self) -> str:
         t = self.tile
         args = (f"{self.bits}, {self.group}, {_CXX_TYPE[self.dtype]}, {t.nt}, {t.mt}, {t.wn}, {t.wk}, "
-                f"{t.stages}, {int(t.xs)}, {t.lut_copies}")
+                f"{t.stages}, {int(t.xs)}, {t.lut_copies}, {int(t.wide_lut)}")
         return f"cuflute::lut_gemm_split<{args}, {t.ks}>" if t.ks > 1 else f"cuflute::lut_gemm<{args}>"
 
 

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 
 from cuflute import dispatch
@@ -61,21 +63,26 @@ def test_kernel_spec_validation():
 
 def test_name_expression_and_count():
     spec = KernelSpec(3, 0, "bfloat16", TileConfig(1, 1, 8))
-    assert spec.name_expression == "cuflute::lut_gemm<3, 0, __nv_bfloat16, 1, 1, 1, 8, 2, 0, 32>"
+    assert spec.name_expression == "cuflute::lut_gemm<3, 0, __nv_bfloat16, 1, 1, 1, 8, 2, 0, 32, 0>"
     staged = KernelSpec(4, 128, "float16", TileConfig(2, 1, 4, xs=X_WARP))
-    assert staged.name_expression == "cuflute::lut_gemm<4, 128, __half, 2, 1, 1, 4, 2, 1, 32>"
+    assert staged.name_expression == "cuflute::lut_gemm<4, 128, __half, 2, 1, 1, 4, 2, 1, 32, 0>"
     side_by_side = KernelSpec(2, 128, "float16", TileConfig(2, 4, 1, wn=4, xs=X_SHARED, lut_copies=16))
-    assert side_by_side.name_expression == "cuflute::lut_gemm<2, 128, __half, 2, 4, 4, 1, 2, 2, 16>"
+    assert side_by_side.name_expression == "cuflute::lut_gemm<2, 128, __half, 2, 4, 4, 1, 2, 2, 16, 0>"
     assert side_by_side.threads == 128
+    wide = KernelSpec(4, 128, "float16", tile_config_from_name("nt4_mt4_wn2_wk2_ks2_s2_xsh_wl"))
+    assert wide.name_expression == "cuflute::lut_gemm_split<4, 128, __half, 4, 4, 2, 2, 2, 2, 32, 1, 2>"
+    assert wide.shared_bytes == KernelSpec(4, 128, "float16", replace(wide.tile, wide_lut=False)).shared_bytes + 32768
     # 3 bit widths x 5 groups x 2 dtypes a config, but eight to fifteen tiles a warp not with
     # groups of 32 or 64, ten to fifteen not with 3-bit codes, and 32 (the A operand scaled) not
-    # with 3-bit codes and one group a row
-    summed = [c for c in TILE_CONFIGS if not c.scales_a_operand]
+    # with 3-bit codes and one group a row; a wide LUT only with 4-bit codes
+    narrow = [c for c in TILE_CONFIGS if not c.wide_lut]
+    summed = [c for c in narrow if not c.scales_a_operand]
     eight_tiles = sum(c.mt * c.nt >= 8 for c in summed)
     ten_tiles = sum(c.mt * c.nt >= 10 for c in summed)
-    thirty_two = sum(c.mt * c.nt >= 32 for c in TILE_CONFIGS)
-    assert ten_tiles >= 1 and thirty_two >= 1
-    assert len(all_specs()) == 2 * (15 * len(TILE_CONFIGS) - 3 * 2 * eight_tiles - 3 * ten_tiles - thirty_two)
+    thirty_two = sum(c.mt * c.nt >= 32 for c in narrow)
+    wide_groups = sum(5 - 2 * (not c.scales_a_operand and c.mt * c.nt >= 8) for c in TILE_CONFIGS if c.wide_lut)
+    assert ten_tiles >= 1 and thirty_two >= 1 and wide_groups >= 1
+    assert len(all_specs()) == 2 * (15 * len(narrow) - 3 * 2 * eight_tiles - 3 * ten_tiles - thirty_two + wide_groups)
 
 
 def test_cluster_configs_split_k_on_sm90_only():
@@ -83,8 +90,11 @@ def test_cluster_configs_split_k_on_sm90_only():
     assert split in TILE_CONFIGS and split.needs_clusters and not TileConfig(2, 4, 1, wn=4).needs_clusters
     assert str(split) == "nt2_mt4_wn4_wk1_ks2_s2_xsh_c16" and tile_config_from_name(str(split)) == split
     assert tile_config_from_name("nt1_mt2_wn8_wk1_ks4_s3_xsh").ks == 4
+    assert tile_config_from_name("nt2_mt8_wn8_wk1_s2_xsh_wl").wide_lut
+    with pytest.raises(ValueError, match="wide LUT"):
+        tile_config_from_name("nt2_mt4_wn4_wk1_s2_xsh_c16_wl")
     spec = KernelSpec(4, 128, "float16", split)
-    assert spec.name_expression == "cuflute::lut_gemm_split<4, 128, __half, 2, 4, 4, 1, 2, 2, 16, 2>"
+    assert spec.name_expression == "cuflute::lut_gemm_split<4, 128, __half, 2, 4, 4, 1, 2, 2, 16, 0, 2>"
     assert builds_for(spec, 90) and not any(builds_for(spec, arch) for arch in (80, 86, 89))
     assert spec in every_spec(90) and spec not in every_spec(89) and spec in every_spec()
 
