@@ -182,11 +182,13 @@ template <int BITS, int GROUP, int NT, int MT, int XS = kXGlobal> struct WarpTil
   static constexpr int kStepsPerGroup = kGroupK / 16;
   static constexpr int kWords = CodeLayout<BITS>::kWords;
   static constexpr int kCodeVectors = NT * BITS;                  // uint4 per lane per stage
-  static constexpr int kScaleWords = NT * kGroupsPerChunk;        // u32 per lane per stage
+  // A stage holds the scales once, not a copy a lane: tile nt's group j is 8 words (one a row
+  // pair) at word 8 (nt * kGroupsPerChunk + j), as in global memory, copied 16 bytes a lane.
+  static constexpr int kScaleVectors = 2 * NT * kGroupsPerChunk;  // uint4 per stage
   static_assert(XS != kXRow || MT == 1, "kXRow holds one row of x: MT must be 1");
   static constexpr int kXVectors = MT * kStepsPerChunk / 2;       // uint4 per lane of a chunk's x
   static constexpr int kXBytes = XS == kXRow ? 2 * kChunkK : 32 * 16 * kXVectors;
-  static constexpr int kXOffset = 32 * (16 * kCodeVectors + 4 * kScaleWords);
+  static constexpr int kXOffset = 32 * 16 * kCodeVectors + 16 * kScaleVectors;
   static constexpr int kStageBytes = kXOffset + (XS == kXWarp || XS == kXRow ? kXBytes : 0);
   // x goes in batches of kPairsPerBatch step pairs for MT m tiles: 16 registers a batch (32 at
   // MT = 8), two batches live at once (the one in use and the one in flight).
@@ -202,7 +204,7 @@ template <int BITS, int GROUP, int NT, int MT, int XS = kXGlobal> struct WarpTil
   }
   static __device__ __forceinline__ u32 stage_scale(const unsigned char* stage, int lane, int nt,
                                                     int j) {
-    return reinterpret_cast<const u32*>(stage + 32 * 16 * kCodeVectors)[32 * (nt * kGroupsPerChunk + j) + lane];
+    return reinterpret_cast<const u32*>(stage + 32 * 16 * kCodeVectors)[8 * (nt * kGroupsPerChunk + j) + (lane >> 2)];
   }
   using XBatch = uint4[kPairsPerBatch][MT];
   using Acc = float[NT][MT][4];
@@ -236,11 +238,6 @@ __device__ __forceinline__ u32 shared_address(const void* p) {
 __device__ __forceinline__ void copy_async_16(void* dst, const void* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
                :: "r"(shared_address(dst)), "l"(src), "r"(valid ? 16 : 0));
-}
-
-__device__ __forceinline__ void copy_async_4(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n"
-               :: "r"(shared_address(dst)), "l"(src), "r"(valid ? 4 : 0));
 }
 
 __device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;\n"); }
@@ -332,19 +329,25 @@ __device__ __forceinline__ void copy_chunk_async(unsigned char* stage, const uin
                                                  int n_tiles, int k_chunks, int n_groups, int lane) {
   using Tile = WarpTile<BITS, GROUP, NT, 1>;
   uint4* codes_dst = reinterpret_cast<uint4*>(stage) + lane;
-  u32* scales_dst = reinterpret_cast<u32*>(stage + 32 * 16 * Tile::kCodeVectors) + lane;
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
     const int tile = min(tile0 + nt, n_tiles - 1);
-    const bool valid = tile0 + nt < n_tiles;
     const uint4* src = qweight + ((long long)tile * k_chunks + c) * BITS * 32 + lane;
 #pragma unroll
-    for (int v = 0; v < BITS; ++v) copy_async_16(codes_dst + 32 * (nt * BITS + v), src + 32 * v, valid);
+    for (int v = 0; v < BITS; ++v) copy_async_16(codes_dst + 32 * (nt * BITS + v), src + 32 * v, tile0 + nt < n_tiles);
+  }
+  // A tile's scales of chunk c, kGroupsPerChunk groups of 8 words, are contiguous in global memory.
+  constexpr int kPiecesPerTile = Tile::kScaleVectors / NT;
+  uint4* scales_dst = reinterpret_cast<uint4*>(stage + 32 * 16 * Tile::kCodeVectors);
+  const int group = GROUP == 0 ? 0 : c * Tile::kGroupsPerChunk;
 #pragma unroll
-    for (int j = 0; j < Tile::kGroupsPerChunk; ++j) {
-      const int group = GROUP == 0 ? 0 : c * Tile::kGroupsPerChunk + j;
-      copy_async_4(scales_dst + 32 * (nt * Tile::kGroupsPerChunk + j),
-                   scales + ((long long)tile * n_groups + group) * 8 + (lane >> 2), valid);
+  for (int i = 0; i < (Tile::kScaleVectors + 31) / 32; ++i) {
+    const int p = lane + 32 * i;
+    if (Tile::kScaleVectors % 32 == 0 || p < Tile::kScaleVectors) {
+      const int nt = p / kPiecesPerTile;
+      const int tile = min(tile0 + nt, n_tiles - 1);
+      copy_async_16(scales_dst + p, scales + ((long long)tile * n_groups + group) * 8 + 4 * (p % kPiecesPerTile),
+                    tile0 + nt < n_tiles);
     }
   }
 }

@@ -196,21 +196,24 @@ TILE_CONFIGS = (
 )
 
 
-def instantiated(bits: int, group: int, tile: TileConfig) -> bool:
-    """Whether (bits, kernel GROUP, tile) is compiled. Where a warp holds many tiles, ptxas needs
-    more than 255 registers and spills (sm_80 to sm_90), so these are not: eight 16 x 8 tiles a
-    warp (four m tiles of two n tiles, or four n tiles of two m tiles) with scale groups of 32 or
-    64 k (nt4_mt2: 3-bit bfloat16 with groups of 64 on sm_90), and ten (five n tiles of two m
-    tiles) with 3-bit codes, whose fields take a select more a step. A warp that scales the A
-    operand (16 tiles or more) keeps no group sums, so small groups cost it nothing; at 32 tiles
-    (four n tiles of eight m tiles) only 3-bit codes with one group a row spill (sm_90). A wide
-    LUT is for 4-bit codes only, the one width whose pair fields are whole bytes."""
+def instantiated(bits: int, group: int, dtype: str, tile: TileConfig) -> bool:
+    """Whether (bits, kernel GROUP, dtype, tile) is compiled. Where a warp holds many tiles, ptxas
+    needs more than 255 registers and spills (sm_80 to sm_90), so these are not: eight 16 x 8
+    tiles a warp (four m tiles of two n tiles, or four n tiles of two m tiles) with scale groups of
+    32 or 64 k (nt4_mt2: 3-bit bfloat16 with groups of 64 on sm_90); ten (five n tiles of two m
+    tiles) with 3-bit codes, whose fields take a select more a step, or in bfloat16 (4-bit: 20
+    bytes on sm_90); five n tiles of 2-bit codes with groups of 64 (one m tile: 32 bytes on
+    sm_80). A warp that scales the A operand (16 tiles or more) keeps no group sums, so small
+    groups cost it nothing; at 32 tiles (four n tiles of eight m tiles) only 3-bit codes with one
+    group a row spill (sm_90). A wide LUT is for 4-bit codes only, the one width whose pair
+    fields are whole bytes."""
     if tile.wide_lut and bits != 4:
         return False
     tiles = tile.mt * tile.nt
     if tile.scales_a_operand:
         return not (tiles >= 32 and bits == 3 and group == 0)
-    return not (tiles >= 8 and group in (32, 64)) and not (tiles >= 10 and bits == 3)
+    return not (tiles >= 8 and group in (32, 64)) and not (tiles >= 10 and (bits == 3 or dtype == "bfloat16")) \
+        and not (tile.nt == 5 and bits == 2 and group == 64)
 
 
 def tile_config_from_name(text: str) -> TileConfig:
@@ -261,9 +264,9 @@ class KernelSpec:
         _check_template_args(self.bits, self.group, self.dtype)
         if self.tile not in TILE_CONFIGS:
             raise ValueError(f"kernel tile must be one of {TILE_CONFIGS}, got {self.tile!r}")
-        if not instantiated(self.bits, self.group, self.tile):
+        if not instantiated(self.bits, self.group, self.dtype, self.tile):
             raise ValueError(f"tile config {self.tile} is not compiled for {self.bits}-bit codes "
-                             f"with scale groups of {self.group}: it would spill registers")
+                             f"with scale groups of {self.group} in {self.dtype}: it would spill registers")
 
     @property
     def shared_bytes(self) -> int:
@@ -272,7 +275,7 @@ class KernelSpec:
         lut = lut_bytes(self.bits, t.lut_copies, t.wide_lut)
         groups_per_chunk = 1 if self.group == 0 else CHUNK_K // self.group
         x_bytes = 32 * 16 * t.mt * CHUNK_K // 32  # a chunk's x: 8 16-byte pieces a lane an m tile
-        warp_stage = 32 * (16 * t.nt * self.bits + 4 * t.nt * groups_per_chunk)
+        warp_stage = 32 * 16 * t.nt * self.bits + 32 * t.nt * groups_per_chunk  # codes, scales
         warp_stage += x_bytes if t.xs == X_WARP else 2 * CHUNK_K if t.xs == X_ROW else 0
         shared_x = t.stages * t.wk * x_bytes if t.xs == X_SHARED else 0
         pipeline = lut + t.stages * t.warps * warp_stage + shared_x
@@ -321,7 +324,7 @@ class DequantSpec:
 def all_specs() -> list[KernelSpec]:
     return [KernelSpec(b, g, d, t)
             for b, g, d, t in itertools.product(SUPPORTED_BITS, KERNEL_GROUPS, DTYPES, TILE_CONFIGS)
-            if instantiated(b, g, t)]
+            if instantiated(b, g, d, t)]
 
 
 def dequant_specs() -> list[DequantSpec]:

@@ -22,20 +22,20 @@ def test_heuristic_covers_every_m(m, n):
 
 
 def test_heuristic_m_tiles_follow_m():
-    assert heuristic_config(1, 4, 128).block_m == heuristic_config(8, 4, 128).block_m == 8
-    assert heuristic_config(9, 4, 128).block_m == heuristic_config(16, 4, 128).block_m == 16
-    assert heuristic_config(17, 4, 128).block_m == heuristic_config(32, 4, 128).block_m == 16
-    assert heuristic_config(33, 4, 128).block_m == heuristic_config(DENSE_MIN_M - 1, 4, 0).block_m == 32
-    assert heuristic_config(33, 4, 64).block_m == 16  # four m tiles are not built for groups of 64
-    assert heuristic_config(DENSE_MIN_M, 4, 128) == heuristic_config(10**6, 4, 0) == DENSE
-    assert heuristic_config(1, 4, 128).xs == X_ROW and heuristic_config(2, 4, 128).xs == X_WARP
+    assert heuristic_config(1, 4, 128, "float16").block_m == heuristic_config(8, 4, 128, "float16").block_m == 8
+    assert heuristic_config(9, 4, 128, "float16").block_m == heuristic_config(16, 4, 128, "float16").block_m == 16
+    assert heuristic_config(17, 4, 128, "float16").block_m == heuristic_config(32, 4, 128, "float16").block_m == 16
+    assert heuristic_config(33, 4, 128, "float16").block_m == heuristic_config(DENSE_MIN_M - 1, 4, 0, "float16").block_m == 32
+    assert heuristic_config(33, 4, 64, "float16").block_m == 16  # four m tiles are not built for groups of 64
+    assert heuristic_config(DENSE_MIN_M, 4, 128, "float16") == heuristic_config(10**6, 4, 0, "float16") == DENSE
+    assert heuristic_config(1, 4, 128, "float16").xs == X_ROW and heuristic_config(2, 4, 128, "float16").xs == X_WARP
 
 
 @pytest.mark.parametrize("group", [32, 64])
 def test_small_groups_never_get_four_m_tiles(group):
     for m in (17, 64, DENSE_MIN_M - 1):
         tile = select_config(m, 4096, 4096, 3, group, "bfloat16")
-        assert instantiated(3, group, tile) and tile.mt == 2, (m, group, tile)
+        assert instantiated(3, group, "bfloat16", tile) and tile.mt == 2, (m, group, tile)
     with pytest.raises(ValueError, match="is not compiled for 4-bit codes with scale groups of 32"):
         KernelSpec(4, 32, "float16", TileConfig(2, 4, 2, xs=X_WARP))
     # (a warp that scales the A operand holds no second set of sums: those are built)
@@ -73,16 +73,19 @@ def test_name_expression_and_count():
     assert wide.name_expression == "cuflute::lut_gemm_split<4, 128, __half, 4, 4, 2, 2, 2, 2, 32, 1, 2>"
     assert wide.shared_bytes == KernelSpec(4, 128, "float16", replace(wide.tile, wide_lut=False)).shared_bytes + 32768
     # 3 bit widths x 5 groups x 2 dtypes a config, but eight to fifteen tiles a warp not with
-    # groups of 32 or 64, ten to fifteen not with 3-bit codes, and 32 (the A operand scaled) not
-    # with 3-bit codes and one group a row; a wide LUT only with 4-bit codes
+    # groups of 32 or 64, ten to fifteen not with 3-bit codes nor (2 and 4 bits) in bfloat16,
+    # five n tiles of fewer than eight not with 2-bit codes and groups of 64, and 32 (the A
+    # operand scaled) not with 3-bit codes and one group a row; a wide LUT only with 4-bit codes
     narrow = [c for c in TILE_CONFIGS if not c.wide_lut]
     summed = [c for c in narrow if not c.scales_a_operand]
     eight_tiles = sum(c.mt * c.nt >= 8 for c in summed)
     ten_tiles = sum(c.mt * c.nt >= 10 for c in summed)
+    five_n_tiles = sum(c.nt == 5 and c.mt * c.nt < 8 for c in summed)
     thirty_two = sum(c.mt * c.nt >= 32 for c in narrow)
     wide_groups = sum(5 - 2 * (not c.scales_a_operand and c.mt * c.nt >= 8) for c in TILE_CONFIGS if c.wide_lut)
-    assert ten_tiles >= 1 and thirty_two >= 1 and wide_groups >= 1
-    assert len(all_specs()) == 2 * (15 * len(narrow) - 3 * 2 * eight_tiles - 3 * ten_tiles - thirty_two + wide_groups)
+    assert ten_tiles >= 1 and five_n_tiles >= 1 and thirty_two >= 1 and wide_groups >= 1
+    assert len(all_specs()) == 2 * (15 * len(narrow) - 3 * 2 * eight_tiles - 3 * ten_tiles - thirty_two + wide_groups) \
+        - 2 * 3 * ten_tiles - 2 * five_n_tiles
 
 
 def test_cluster_configs_split_k_on_sm90_only():
@@ -112,12 +115,15 @@ def test_configs_are_built_only_where_a_cta_can_have_their_shared_memory():
                if isinstance(s, KernelSpec))
 
 
-def test_ten_tiles_a_warp_are_not_built_for_three_bits():
+def test_ten_tiles_a_warp_are_not_built_for_three_bits_or_bfloat16():
     five_by_two = TileConfig(5, 2, 4, xs=X_WARP)
-    assert instantiated(4, 128, five_by_two) and instantiated(2, 0, five_by_two)
-    assert not instantiated(3, 128, five_by_two) and not instantiated(4, 64, five_by_two)
-    with pytest.raises(ValueError, match="not compiled for 3-bit codes with scale groups of 128"):
+    assert instantiated(4, 128, "float16", five_by_two) and instantiated(2, 0, "float16", five_by_two)
+    assert not instantiated(3, 128, "float16", five_by_two) and not instantiated(4, 64, "float16", five_by_two)
+    assert not instantiated(4, 128, "bfloat16", five_by_two)
+    with pytest.raises(ValueError, match="not compiled for 3-bit codes with scale groups of 128 in float16"):
         KernelSpec(3, 128, "float16", five_by_two)
+    with pytest.raises(ValueError, match="not compiled for 4-bit codes with scale groups of 128 in bfloat16"):
+        KernelSpec(4, 128, "bfloat16", five_by_two)
     for ks in (0, MAX_K_SPLITS + 1):
         with pytest.raises(ValueError, match="ks .CTAs of a cluster splitting K. must be 1 to 8"):
             TileConfig(2, 4, 1, wn=4, xs=X_SHARED, ks=ks)
@@ -179,11 +185,11 @@ def test_tuned_table_overrides_the_heuristic(tuned_table_file):
     assert pick(1) == pick(4) == TileConfig(2, 1, 4, xs=X_WARP)  # smallest bucket at or above m
     assert pick(5) == pick(32) == pick(DENSE_MIN_M - 1) == TileConfig(2, 2, 2, wn=2, xs=X_SHARED)  # largest past the end
     assert pick(DENSE_MIN_M) == DENSE  # ... unless the heuristic goes dense there
-    assert pick(1, n=8192) == heuristic_config(1, 4, 128)  # untuned shape: heuristic
+    assert pick(1, n=8192) == heuristic_config(1, 4, 128, "float16")  # untuned shape: heuristic
     assert pick(1, n=1024) == TileConfig(1, 1, 8, xs=X_ROW)
-    assert pick(2, n=1024) == heuristic_config(2, 4, 128)  # the M = 1 config takes one row
+    assert pick(2, n=1024) == heuristic_config(2, 4, 128, "float16")  # the M = 1 config takes one row
     assert select_config(1, 4096, 4096, 4, 128, "float16", gpu_name="Other GPU") == \
-        heuristic_config(1, 4, 128)
+        heuristic_config(1, 4, 128, "float16")
 
 
 def test_shared_memory_limit_picks_a_config_that_fits():
