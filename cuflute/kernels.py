@@ -186,7 +186,7 @@ TILE_CONFIGS = (
     # 4-bit, the LUT's entries 256 bytes apart: a lookup's address is one prmt, not a shift and
     # a lop3 (nt4_mt2_wk4 1269 -> 1013 instructions a chunk, nt2_mt8_wn4_wk1 1032 -> 904; sm_90),
     # for 32 KiB more shared memory: the configs the table picks most from M = 16 whose CTAs an
-    # SM that does not lower (docs/PERF_NOTES.md v29)
+    # SM that does not lower (docs/PERF_NOTES.md v29; v30: 39 of the 60 4-bit cells retuned from M = 16)
     TileConfig(nt=4, mt=2, wk=4, xs=X_WARP, wide_lut=True),
     TileConfig(nt=2, mt=2, wk=4, xs=X_WARP, wide_lut=True),
     TileConfig(nt=4, mt=4, wn=2, wk=2, xs=X_SHARED, ks=2, wide_lut=True),
