@@ -55,7 +55,7 @@
 //
 // Dynamic shared memory (cuflute.kernels.KernelSpec.shared_bytes computes the same):
 //   [pair LUT x COPIES (x 2: WIDE)][STAGES][WN * WK warps][NT * BITS code vectors][32 lanes] uint4
-//                                                         [NT * groups per chunk][32 lanes]  u32
+//                                                         [NT * groups per chunk][8 row pairs] u32
 //                                                kXWarp:  [MT][8 step pairs][32 lanes]       uint4 (x)
 //                                                kXRow:   [256 k of row m0]                  T     (x)
 //   kXShared: [STAGES][WK K slices][MT][8 step pairs][32 lanes]               uint4 (x)
