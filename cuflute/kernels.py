@@ -202,8 +202,8 @@ def instantiated(bits: int, group: int, dtype: str, tile: TileConfig) -> bool:
     tiles a warp (four m tiles of two n tiles, or four n tiles of two m tiles) with scale groups of
     32 or 64 k (nt4_mt2: 3-bit bfloat16 with groups of 64 on sm_90); ten (five n tiles of two m
     tiles) with 3-bit codes, whose fields take a select more a step, or in bfloat16 (4-bit: 20
-    bytes on sm_90); five n tiles of 2-bit codes with groups of 64 (one m tile: 32 bytes on
-    sm_80). A warp that scales the A operand (16 tiles or more) keeps no group sums, so small
+    bytes on sm_90); five n tiles of 2-bit codes with groups of 64 (one m tile: 32 bytes on sm_80,
+    86 and 89). A warp that scales the A operand (16 tiles or more) keeps no group sums, so small
     groups cost it nothing; at 32 tiles (four n tiles of eight m tiles) only 3-bit codes with one
     group a row spill (sm_90). A wide LUT is for 4-bit codes only, the one width whose pair
     fields are whole bytes."""
