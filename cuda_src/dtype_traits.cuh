@@ -38,9 +38,11 @@ template <> struct DTypeTraits<__half> {
 
 template <> struct DTypeTraits<__nv_bfloat16> {
   static __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
-  // A word of two values (a scale word {S[row gid], S[row gid + 8]}, a pair LUT entry) as floats.
+  // A word of two values (a scale word {S[row gid], S[row gid + 8]}, a pair LUT entry) as floats:
+  // a bfloat16 is a float's high half. Written as the shift and the mask, not as
+  // __bfloat1622float2, with which ptxas spilled 20 bytes of nt5_mt2_wk4 (4-bit, g = 128, sm_90).
   static __device__ __forceinline__ float2 pair_to_float2(u32 w) {
-    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w));
+    return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xffff0000u));
   }
   static __device__ __forceinline__ u32 pair_from_float2(float2 v) {
     const __nv_bfloat162 h = __float22bfloat162_rn(v);

@@ -201,18 +201,19 @@ def instantiated(bits: int, group: int, dtype: str, tile: TileConfig) -> bool:
     needs more than 255 registers and spills (sm_80 to sm_90), so these are not: eight 16 x 8
     tiles a warp (four m tiles of two n tiles, or four n tiles of two m tiles) with scale groups of
     32 or 64 k (nt4_mt2: 3-bit bfloat16 with groups of 64 on sm_90); ten (five n tiles of two m
-    tiles) with 3-bit codes, whose fields take a select more a step, or in bfloat16 (4-bit: 20
-    bytes on sm_90); five n tiles of 2-bit codes with groups of 64 (one m tile: 32 bytes on sm_80,
-    86 and 89). A warp that scales the A operand (16 tiles or more) keeps no group sums, so small
-    groups cost it nothing; at 32 tiles (four n tiles of eight m tiles) only 3-bit codes with one
-    group a row spill (sm_90). A wide LUT is for 4-bit codes only, the one width whose pair
-    fields are whole bytes."""
+    tiles) with 3-bit codes, whose fields take a select more a step; five n tiles of 2-bit codes
+    with groups of 64 (one m tile: 32 bytes on sm_80, 86 and 89). A warp that scales the A
+    operand (16 tiles or more) keeps no group sums, so small groups cost it nothing; at 32 tiles
+    (four n tiles of eight m tiles) only 3-bit codes with one group a row spill (sm_90). A wide
+    LUT is for 4-bit codes only, the one width whose pair fields are whole bytes. No rule depends
+    on the dtype now (ten tiles in bfloat16 spilled 20 bytes on sm_90 until bfloat16 scales were
+    widened by a shift and a mask, cuda_src/dtype_traits.cuh), but it is part of what is compiled."""
     if tile.wide_lut and bits != 4:
         return False
     tiles = tile.mt * tile.nt
     if tile.scales_a_operand:
         return not (tiles >= 32 and bits == 3 and group == 0)
-    return not (tiles >= 8 and group in (32, 64)) and not (tiles >= 10 and (bits == 3 or dtype == "bfloat16")) \
+    return not (tiles >= 8 and group in (32, 64)) and not (tiles >= 10 and bits == 3) \
         and not (tile.nt == 5 and bits == 2 and group == 64)
 
 

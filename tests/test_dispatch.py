@@ -73,9 +73,9 @@ def test_name_expression_and_count():
     assert wide.name_expression == "cuflute::lut_gemm_split<4, 128, __half, 4, 4, 2, 2, 2, 2, 32, 1, 2>"
     assert wide.shared_bytes == KernelSpec(4, 128, "float16", replace(wide.tile, wide_lut=False)).shared_bytes + 32768
     # 3 bit widths x 5 groups x 2 dtypes a config, but eight to fifteen tiles a warp not with
-    # groups of 32 or 64, ten to fifteen not with 3-bit codes nor (2 and 4 bits) in bfloat16,
-    # five n tiles of fewer than eight not with 2-bit codes and groups of 64, and 32 (the A
-    # operand scaled) not with 3-bit codes and one group a row; a wide LUT only with 4-bit codes
+    # groups of 32 or 64, ten to fifteen not with 3-bit codes, five n tiles of fewer than eight
+    # not with 2-bit codes and groups of 64, and 32 (the A operand scaled) not with 3-bit codes
+    # and one group a row; a wide LUT only with 4-bit codes
     narrow = [c for c in TILE_CONFIGS if not c.wide_lut]
     summed = [c for c in narrow if not c.scales_a_operand]
     eight_tiles = sum(c.mt * c.nt >= 8 for c in summed)
@@ -85,7 +85,7 @@ def test_name_expression_and_count():
     wide_groups = sum(5 - 2 * (not c.scales_a_operand and c.mt * c.nt >= 8) for c in TILE_CONFIGS if c.wide_lut)
     assert ten_tiles >= 1 and five_n_tiles >= 1 and thirty_two >= 1 and wide_groups >= 1
     assert len(all_specs()) == 2 * (15 * len(narrow) - 3 * 2 * eight_tiles - 3 * ten_tiles - thirty_two + wide_groups) \
-        - 2 * 3 * ten_tiles - 2 * five_n_tiles
+        - 2 * five_n_tiles
 
 
 def test_cluster_configs_split_k_on_sm90_only():
@@ -115,15 +115,13 @@ def test_configs_are_built_only_where_a_cta_can_have_their_shared_memory():
                if isinstance(s, KernelSpec))
 
 
-def test_ten_tiles_a_warp_are_not_built_for_three_bits_or_bfloat16():
+def test_ten_tiles_a_warp_are_not_built_for_three_bits():
     five_by_two = TileConfig(5, 2, 4, xs=X_WARP)
     assert instantiated(4, 128, "float16", five_by_two) and instantiated(2, 0, "float16", five_by_two)
+    assert instantiated(4, 128, "bfloat16", five_by_two)
     assert not instantiated(3, 128, "float16", five_by_two) and not instantiated(4, 64, "float16", five_by_two)
-    assert not instantiated(4, 128, "bfloat16", five_by_two)
-    with pytest.raises(ValueError, match="not compiled for 3-bit codes with scale groups of 128 in float16"):
-        KernelSpec(3, 128, "float16", five_by_two)
-    with pytest.raises(ValueError, match="not compiled for 4-bit codes with scale groups of 128 in bfloat16"):
-        KernelSpec(4, 128, "bfloat16", five_by_two)
+    with pytest.raises(ValueError, match="not compiled for 3-bit codes with scale groups of 128 in bfloat16"):
+        KernelSpec(3, 128, "bfloat16", five_by_two)
     for ks in (0, MAX_K_SPLITS + 1):
         with pytest.raises(ValueError, match="ks .CTAs of a cluster splitting K. must be 1 to 8"):
             TileConfig(2, 4, 1, wn=4, xs=X_SHARED, ks=ks)

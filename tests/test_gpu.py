@@ -111,14 +111,16 @@ def test_every_tile_config_matches_reference(config, bits, group_size, n, k):
         assert err < REL_ERROR_BOUND["float16"], f"rel error {err:.2e}: {where}"
 
 
-SCALED_A_CASES = [(c, bits, g) for c in TILE_CONFIGS if c.scales_a_operand
-                  for bits, g in [(4, 128), (3, 64), (2, None)] if instantiated(bits, g or 0, "bfloat16", c)]
+MANY_TILE_CASES = [(c, bits, g) for c in TILE_CONFIGS if c.mt * c.nt >= 8
+                   for bits, g in [(4, 128), (3, 64), (2, None)] if instantiated(bits, g or 0, "bfloat16", c)]
 
 
-@pytest.mark.parametrize("config, bits, group_size", SCALED_A_CASES, ids=str)
-def test_scaled_a_operand_configs_in_bfloat16(config, bits, group_size):
-    """The configs that scale the looked-up weight in the activations' dtype (bfloat16's products
-    differ most from float32's), over part of an m block, one, and two."""
+@pytest.mark.parametrize("config, bits, group_size", MANY_TILE_CASES, ids=str)
+def test_many_tile_configs_in_bfloat16(config, bits, group_size):
+    """The configs of eight tiles a warp or more, at the register limit, in bfloat16: those that
+    scale the looked-up weight in the activations' dtype (bfloat16's products differ most from
+    float32's) and those that widen a group's bfloat16 scales to scale its sums, over part of an
+    m block, one, and two."""
     if config.needs_clusters and not _has_clusters():
         pytest.skip("thread-block clusters need compute capability 9.0")
     n, k = 1000, 2304
