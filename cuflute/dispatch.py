@@ -89,7 +89,7 @@ def parse_config(text: str) -> TileConfig | str:
     return DENSE if text.strip() == DENSE else parse_tile_config(text)
 
 
-def heuristic_config(m: int, bits: int, group: int, dtype: str) -> TileConfig | str:
+def heuristic_config(m: int, bits: int, group: int) -> TileConfig | str:
     """One row of x: one 16-row n tile a warp, 4 warps splitting K, the row staged by each
     warp. Two n tiles a warp: up to 8 rows of x, one m tile and 4 warps splitting K, x staged by
     each warp; up to 16, two m tiles. Past that, x shared by 2 warps side by side
@@ -106,7 +106,7 @@ def heuristic_config(m: int, bits: int, group: int, dtype: str) -> TileConfig | 
         return _DECODE
     if m <= 16:
         return _DECODE_WIDE_M
-    return _LARGE_M if m > 32 and instantiated(bits, group, dtype, _LARGE_M) else _MID_M
+    return _LARGE_M if m > 32 and instantiated(bits, group, _LARGE_M) else _MID_M
 
 
 def select_config(m: int, n: int, k: int, bits: int, group: int, dtype: str,
@@ -127,7 +127,7 @@ def select_config(m: int, n: int, k: int, bits: int, group: int, dtype: str,
     cluster config either: only a tuned table for a GPU that has clusters does.
     """
     rows = tuned_table(gpu_name).get(table_key(bits, group, dtype, n, k)) if gpu_name else None
-    heuristic = heuristic_config(m, bits, group, dtype)
+    heuristic = heuristic_config(m, bits, group)
     entry = None
     if rows and (m <= rows[-1].m or heuristic != DENSE):
         entry = next((row for row in rows if row.m >= m), rows[-1])
@@ -143,5 +143,5 @@ def select_config(m: int, n: int, k: int, bits: int, group: int, dtype: str,
     if config == DENSE or max_shared_bytes is None or \
             KernelSpec(bits, group, dtype, config).shared_bytes <= max_shared_bytes:
         return config
-    fitting = (c for c in TILE_CONFIGS if instantiated(bits, group, dtype, c) and c.takes(m) and not c.needs_clusters)
+    fitting = (c for c in TILE_CONFIGS if instantiated(bits, group, c) and c.takes(m) and not c.needs_clusters)
     return min(fitting, key=lambda c: (KernelSpec(bits, group, dtype, c).shared_bytes, -c.mt * c.nt))

@@ -196,8 +196,8 @@ TILE_CONFIGS = (
 )
 
 
-def instantiated(bits: int, group: int, dtype: str, tile: TileConfig) -> bool:
-    """Whether (bits, kernel GROUP, dtype, tile) is compiled. Where a warp holds many tiles, ptxas
+def instantiated(bits: int, group: int, tile: TileConfig) -> bool:
+    """Whether (bits, kernel GROUP, tile) is compiled, in either dtype. Where a warp holds many tiles, ptxas
     needs more than 255 registers and spills (sm_80 to sm_90), so these are not: eight 16 x 8
     tiles a warp (four m tiles of two n tiles, or four n tiles of two m tiles) with scale groups of
     32 or 64 k (nt4_mt2: 3-bit bfloat16 with groups of 64 on sm_90); ten (five n tiles of two m
@@ -205,9 +205,9 @@ def instantiated(bits: int, group: int, dtype: str, tile: TileConfig) -> bool:
     with groups of 64 (one m tile: 32 bytes on sm_80, 86 and 89). A warp that scales the A
     operand (16 tiles or more) keeps no group sums, so small groups cost it nothing; at 32 tiles
     (four n tiles of eight m tiles) only 3-bit codes with one group a row spill (sm_90). A wide
-    LUT is for 4-bit codes only, the one width whose pair fields are whole bytes. No rule depends
-    on the dtype now (ten tiles in bfloat16 spilled 20 bytes on sm_90 until bfloat16 scales were
-    widened by a shift and a mask, cuda_src/dtype_traits.cuh), but it is part of what is compiled."""
+    LUT is for 4-bit codes only, the one width whose pair fields are whole bytes. (Ten tiles in
+    bfloat16 spilled 20 bytes on sm_90 until bfloat16 scales were widened by a shift and a mask,
+    cuda_src/dtype_traits.cuh.)"""
     if tile.wide_lut and bits != 4:
         return False
     tiles = tile.mt * tile.nt
@@ -265,7 +265,7 @@ class KernelSpec:
         _check_template_args(self.bits, self.group, self.dtype)
         if self.tile not in TILE_CONFIGS:
             raise ValueError(f"kernel tile must be one of {TILE_CONFIGS}, got {self.tile!r}")
-        if not instantiated(self.bits, self.group, self.dtype, self.tile):
+        if not instantiated(self.bits, self.group, self.tile):
             raise ValueError(f"tile config {self.tile} is not compiled for {self.bits}-bit codes "
                              f"with scale groups of {self.group} in {self.dtype}: it would spill registers")
 
@@ -325,7 +325,7 @@ class DequantSpec:
 def all_specs() -> list[KernelSpec]:
     return [KernelSpec(b, g, d, t)
             for b, g, d, t in itertools.product(SUPPORTED_BITS, KERNEL_GROUPS, DTYPES, TILE_CONFIGS)
-            if instantiated(b, g, d, t)]
+            if instantiated(b, g, t)]
 
 
 def dequant_specs() -> list[DequantSpec]:

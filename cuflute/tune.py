@@ -118,7 +118,7 @@ def tune_problem(n, k, bits, group_size, dtype, sweep: Sweep, rotate_bytes, repl
     def runs_here(config) -> bool:
         if config == DENSE:
             return True
-        if not instantiated(bits, group_arg, dtype, config):
+        if not instantiated(bits, group_arg, config):
             return False
         spec = KernelSpec(bits, group_arg, dtype, config)
         return builds_for(spec, device_arch(props)) and spec.shared_bytes <= props["sharedMemPerBlockOptin"]
@@ -147,7 +147,7 @@ def tune_problem(n, k, bits, group_size, dtype, sweep: Sweep, rotate_bytes, repl
             times[config] = bench.time_graph_us(calls, replays)
         bar.update(len(sweep.candidates))
         best = min(times, key=times.get)
-        heuristic_us = times.get(heuristic_config(m, bits, group_arg, dtype))
+        heuristic_us = times.get(heuristic_config(m, bits, group_arg))
         entry = {"bits": bits, "group": group_arg, "dtype": dtype,
                  "n": n, "k": k, "m": m, "config": str(best), "us": round(times[best], 2),
                  "heuristic_us": None if heuristic_us is None else round(heuristic_us, 2)}

@@ -22,20 +22,20 @@ def test_heuristic_covers_every_m(m, n):
 
 
 def test_heuristic_m_tiles_follow_m():
-    assert heuristic_config(1, 4, 128, "float16").block_m == heuristic_config(8, 4, 128, "float16").block_m == 8
-    assert heuristic_config(9, 4, 128, "float16").block_m == heuristic_config(16, 4, 128, "float16").block_m == 16
-    assert heuristic_config(17, 4, 128, "float16").block_m == heuristic_config(32, 4, 128, "float16").block_m == 16
-    assert heuristic_config(33, 4, 128, "float16").block_m == heuristic_config(DENSE_MIN_M - 1, 4, 0, "float16").block_m == 32
-    assert heuristic_config(33, 4, 64, "float16").block_m == 16  # four m tiles are not built for groups of 64
-    assert heuristic_config(DENSE_MIN_M, 4, 128, "float16") == heuristic_config(10**6, 4, 0, "float16") == DENSE
-    assert heuristic_config(1, 4, 128, "float16").xs == X_ROW and heuristic_config(2, 4, 128, "float16").xs == X_WARP
+    assert heuristic_config(1, 4, 128).block_m == heuristic_config(8, 4, 128).block_m == 8
+    assert heuristic_config(9, 4, 128).block_m == heuristic_config(16, 4, 128).block_m == 16
+    assert heuristic_config(17, 4, 128).block_m == heuristic_config(32, 4, 128).block_m == 16
+    assert heuristic_config(33, 4, 128).block_m == heuristic_config(DENSE_MIN_M - 1, 4, 0).block_m == 32
+    assert heuristic_config(33, 4, 64).block_m == 16  # four m tiles are not built for groups of 64
+    assert heuristic_config(DENSE_MIN_M, 4, 128) == heuristic_config(10**6, 4, 0) == DENSE
+    assert heuristic_config(1, 4, 128).xs == X_ROW and heuristic_config(2, 4, 128).xs == X_WARP
 
 
 @pytest.mark.parametrize("group", [32, 64])
 def test_small_groups_never_get_four_m_tiles(group):
     for m in (17, 64, DENSE_MIN_M - 1):
         tile = select_config(m, 4096, 4096, 3, group, "bfloat16")
-        assert instantiated(3, group, "bfloat16", tile) and tile.mt == 2, (m, group, tile)
+        assert instantiated(3, group, tile) and tile.mt == 2, (m, group, tile)
     with pytest.raises(ValueError, match="is not compiled for 4-bit codes with scale groups of 32"):
         KernelSpec(4, 32, "float16", TileConfig(2, 4, 2, xs=X_WARP))
     # (a warp that scales the A operand holds no second set of sums: those are built)
@@ -117,9 +117,9 @@ def test_configs_are_built_only_where_a_cta_can_have_their_shared_memory():
 
 def test_ten_tiles_a_warp_are_not_built_for_three_bits():
     five_by_two = TileConfig(5, 2, 4, xs=X_WARP)
-    assert instantiated(4, 128, "float16", five_by_two) and instantiated(2, 0, "float16", five_by_two)
-    assert instantiated(4, 128, "bfloat16", five_by_two)
-    assert not instantiated(3, 128, "float16", five_by_two) and not instantiated(4, 64, "float16", five_by_two)
+    assert instantiated(4, 128, five_by_two) and instantiated(2, 0, five_by_two)
+    assert KernelSpec(4, 128, "bfloat16", five_by_two).tile == five_by_two  # built in bfloat16 too
+    assert not instantiated(3, 128, five_by_two) and not instantiated(4, 64, five_by_two)
     with pytest.raises(ValueError, match="not compiled for 3-bit codes with scale groups of 128 in bfloat16"):
         KernelSpec(3, 128, "bfloat16", five_by_two)
     for ks in (0, MAX_K_SPLITS + 1):
@@ -183,11 +183,11 @@ def test_tuned_table_overrides_the_heuristic(tuned_table_file):
     assert pick(1) == pick(4) == TileConfig(2, 1, 4, xs=X_WARP)  # smallest bucket at or above m
     assert pick(5) == pick(32) == pick(DENSE_MIN_M - 1) == TileConfig(2, 2, 2, wn=2, xs=X_SHARED)  # largest past the end
     assert pick(DENSE_MIN_M) == DENSE  # ... unless the heuristic goes dense there
-    assert pick(1, n=8192) == heuristic_config(1, 4, 128, "float16")  # untuned shape: heuristic
+    assert pick(1, n=8192) == heuristic_config(1, 4, 128)  # untuned shape: heuristic
     assert pick(1, n=1024) == TileConfig(1, 1, 8, xs=X_ROW)
-    assert pick(2, n=1024) == heuristic_config(2, 4, 128, "float16")  # the M = 1 config takes one row
+    assert pick(2, n=1024) == heuristic_config(2, 4, 128)  # the M = 1 config takes one row
     assert select_config(1, 4096, 4096, 4, 128, "float16", gpu_name="Other GPU") == \
-        heuristic_config(1, 4, 128, "float16")
+        heuristic_config(1, 4, 128)
 
 
 def test_shared_memory_limit_picks_a_config_that_fits():

@@ -84,7 +84,7 @@ def test_kernel_matches_reference(bits, group_size, dtype, n, k):
 
 CONFIG_CASES = [(c, bits, g) for c in TILE_CONFIGS + (DENSE,)
                 for bits, g in [(3, 32), (4, None), (2, 128), (4, 64)]
-                if c == DENSE or instantiated(bits, g or 0, "float16", c)]
+                if c == DENSE or instantiated(bits, g or 0, c)]
 
 
 @pytest.mark.parametrize("config, bits, group_size", CONFIG_CASES, ids=str)
@@ -112,7 +112,7 @@ def test_every_tile_config_matches_reference(config, bits, group_size, n, k):
 
 
 MANY_TILE_CASES = [(c, bits, g) for c in TILE_CONFIGS if c.mt * c.nt >= 8
-                   for bits, g in [(4, 128), (3, 64), (2, None)] if instantiated(bits, g or 0, "bfloat16", c)]
+                   for bits, g in [(4, 128), (3, 64), (2, None)] if instantiated(bits, g or 0, c)]
 
 
 @pytest.mark.parametrize("config, bits, group_size", MANY_TILE_CASES, ids=str)
