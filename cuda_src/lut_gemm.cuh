@@ -784,9 +784,9 @@ __device__ __forceinline__ void lut_gemm_cta(const T* __restrict__ x, long long 
     if constexpr (!Tile::kScaleA) read_stage<BITS, GROUP, NT, MT>(Smem::stage(smem, warp, i), lane, w, sw);
     if constexpr (kStagedX) load_x_staged<BITS, GROUP, NT, MT, XS>(xv, x_stage(i), 0);
     mma_chunk<BITS, GROUP, T, NT, MT, XS, COPIES, WIDE>(acc, w, sw, Smem::stage(smem, warp, i), lane, xv,
-                                                  x_lane, x_stage(i), chunk(i),
-                                                  i + 1 < my_chunks ? chunk(i + 1) : -1, K,
-                                                  reinterpret_cast<const char*>(smem), lane_bytes, tig);
+                                                        x_lane, x_stage(i), chunk(i),
+                                                        i + 1 < my_chunks ? chunk(i + 1) : -1, K,
+                                                        reinterpret_cast<const char*>(smem), lane_bytes, tig);
   }
   copy_async_wait<0>();  // only empty groups are left, but none may land on reused memory
   scale_rows<GROUP, T, NT, MT>(acc, scales, tile0, n_tiles, n_groups, gid);
