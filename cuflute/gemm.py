@@ -11,8 +11,8 @@ from functools import lru_cache
 
 from . import dense_cache, interop
 from .dispatch import DENSE, DENSE_CACHED, parse_config, select_config
-from .kernels import (CLUSTER_MIN_ARCH, DequantSpec, KernelSpec, TileConfig, builds_for, device_arch,
-                      get_kernel)
+from .kernels import (CLUSTER_MIN_ARCH, WARPGROUP_ARCH, DequantSpec, KernelSpec, TileConfig,
+                      WarpgroupConfig, builds_for, device_arch, get_kernel)
 from .packing import TILE_N, PackedWeight
 
 _MAX_GRID_Y = 65535
@@ -223,9 +223,11 @@ def _new_plan(packed: PackedWeight, m: int, config: TileConfig | str | None,
         raise ValueError(f"tile config {tile} needs {spec.shared_bytes} bytes of shared memory, "
                          f"cuda:{device} allows {props['sharedMemPerBlockOptin']}")
     if not builds_for(spec, device_arch(props)):
-        raise ValueError(f"tile config {tile} splits K over clusters of {tile.ks} CTAs, which need "
-                         f"compute capability {CLUSTER_MIN_ARCH // 10}.{CLUSTER_MIN_ARCH % 10}; "
-                         f"cuda:{device} has {props['major']}.{props['minor']}")
+        need = (f"runs wgmma, which needs compute capability {WARPGROUP_ARCH // 10}.{WARPGROUP_ARCH % 10} "
+                f"exactly" if isinstance(tile, WarpgroupConfig) else
+                f"splits K over clusters of {tile.ks} CTAs, which need compute capability "
+                f"{CLUSTER_MIN_ARCH // 10}.{CLUSTER_MIN_ARCH % 10}")
+        raise ValueError(f"tile config {tile} {need}; cuda:{device} has {props['major']}.{props['minor']}")
     # z: the CTAs of a cluster, each a range of K chunks (lut_gemm_split)
     grid = (-(-m // tile.block_m), -(-packed.n_tiles // tile.block_n_tiles), tile.ks)
     if grid[1] > _MAX_GRID_Y:

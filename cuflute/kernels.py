@@ -27,7 +27,7 @@ TARGET_ARCHS = (80, 86, 89, 90)
 LUT_COPIES = 32
 _CXX_TYPE = {"float16": "__half", "bfloat16": "__nv_bfloat16"}
 # One header per kernel family; every specialization of every family compiles from one source.
-KERNEL_HEADERS = ("lut_gemm.cuh", "lut_dequant.cuh", "bcq_gemv.cuh")
+KERNEL_HEADERS = ("lut_gemm.cuh", "lut_wgmma.cuh", "lut_dequant.cuh", "bcq_gemv.cuh")
 
 
 # The most CTAs of a cluster that split K (cuda_src/lut_gemm.cuh's KS): a portable cluster size.
@@ -43,6 +43,8 @@ _X_FROM_SUFFIX = {suffix: key for key, suffix in _X_SUFFIX.items()}
 # A config's name, as TileConfig.__str__ writes it (matched whole).
 _CONFIG_NAME = re.compile(r"nt(\d+)_mt(\d+)(?:_wn(\d+))?_wk(\d+)(?:_ks(\d+))?_s(\d+)(" +
                           "|".join(filter(None, _X_SUFFIX.values())) + r")?(?:_c(\d+))?(_wl)?")
+# A warpgroup config's name, as WarpgroupConfig.__str__ writes it (matched whole).
+_WARPGROUP_NAME = re.compile(r"wg(\d+)_bm(\d+)(?:_ks(\d+))?_s(\d+)_b(\d+)")
 
 
 @dataclass(frozen=True, order=True)
@@ -125,6 +127,62 @@ class TileConfig:
         return f"nt{self.nt}_mt{self.mt}{wn}_wk{self.wk}{ks}_s{self.stages}{_X_SUFFIX[self.xs]}{copies}{wide}"
 
 
+@dataclass(frozen=True, order=True)
+class WarpgroupConfig:
+    """A CTA of cuda_src/lut_wgmma.cuh, sm_90a's warpgroup kernel: WG warpgroups of 64 weight
+    rows each, BM rows of x, a STAGES-deep cp.async pipeline of codes, scales and x, KS CTAs of a
+    thread-block cluster splitting K, BATCH mma steps decoded before their wgmmas go as one
+    group. Every warp scales its A operand, as TileConfig.scales_a_operand."""
+
+    bm: int
+    wg: int = 4
+    stages: int = 2
+    ks: int = 1
+    batch: int = 4
+
+    def __post_init__(self):
+        if self.bm not in (32, 64, 128):
+            raise ValueError(f"bm must be 32, 64 or 128, got {self.bm}")
+        if self.wg not in (1, 2, 4) or self.bm % (4 * self.wg):
+            raise ValueError(f"wg must be 1, 2 or 4 warpgroups, each of whose warps copies whole rows "
+                             f"of x (bm a multiple of 4 wg), got wg={self.wg} bm={self.bm}")
+        if not 1 <= self.ks <= MAX_K_SPLITS:
+            raise ValueError(f"ks (CTAs of a cluster splitting K) must be 1 to {MAX_K_SPLITS}, got {self.ks}")
+        if self.stages < 2 or self.batch not in (1, 2, 4, 8):
+            raise ValueError(f"stages must be 2 or more and batch 1, 2, 4 or 8, got {self.stages}, {self.batch}")
+
+    max_m = None
+    scales_a_operand = True
+
+    def takes(self, m: int) -> bool:
+        """Any m: a CTA takes BM rows of x, the grid as many CTAs along M as m needs."""
+        return True
+
+    @property
+    def block_m(self) -> int:
+        return self.bm
+
+    @property
+    def block_n_tiles(self) -> int:
+        return 4 * self.wg
+
+    @property
+    def needs_clusters(self) -> bool:
+        return self.ks > 1
+
+    @property
+    def warps(self) -> int:
+        return 4 * self.wg
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps
+
+    def __str__(self) -> str:
+        ks = f"_ks{self.ks}" if self.ks > 1 else ""
+        return f"wg{self.wg}_bm{self.bm}{ks}_s{self.stages}_b{self.batch}"
+
+
 # For compilation time, only the shapes that the dispatcher and the tuner use are instantiated.
 TILE_CONFIGS = (
     TileConfig(nt=1, mt=1, wk=8),
@@ -195,6 +253,18 @@ TILE_CONFIGS = (
     TileConfig(nt=2, mt=8, wn=8, wk=1, xs=X_SHARED, ks=2, wide_lut=True),
 )
 
+# The warpgroup kernel (sm_90 only), from 32 rows of x: four warpgroups a CTA (256 weight rows
+# on one copy of x), K split over a cluster of four for the shapes of few such strips. Each won
+# cells of the H100 benchmark's shapes at M = 32 to 128 against every TileConfig (docs/PERF_NOTES.md
+# v32); two steps a group at BM = 128, whose 64 accumulators leave no registers for four.
+WARPGROUP_CONFIGS = (
+    WarpgroupConfig(bm=32, stages=3),
+    WarpgroupConfig(bm=64),
+    WarpgroupConfig(bm=64, ks=4),
+    WarpgroupConfig(bm=128, batch=2),
+    WarpgroupConfig(bm=128, ks=4, batch=2),
+)
+
 
 def instantiated(bits: int, group: int, tile: TileConfig) -> bool:
     """Whether (bits, kernel GROUP, tile) is compiled, in either dtype. Where a warp holds many tiles, ptxas
@@ -208,6 +278,8 @@ def instantiated(bits: int, group: int, tile: TileConfig) -> bool:
     LUT is for 4-bit codes only, the one width whose pair fields are whole bytes. (Ten tiles in
     bfloat16 spilled 20 bytes on sm_90 until bfloat16 scales were widened by a shift and a mask,
     cuda_src/dtype_traits.cuh.)"""
+    if isinstance(tile, WarpgroupConfig):
+        return True  # one 16-row tile a warp: no width or group spills (NVRTC, sm_90a)
     if tile.wide_lut and bits != 4:
         return False
     tiles = tile.mt * tile.nt
@@ -217,28 +289,33 @@ def instantiated(bits: int, group: int, tile: TileConfig) -> bool:
         and not (tile.nt == 5 and bits == 2 and group == 64)
 
 
-def tile_config_from_name(text: str) -> TileConfig:
+def tile_config_from_name(text: str) -> TileConfig | WarpgroupConfig:
     """'nt2_mt1_wk8_s3' -> TileConfig(2, 1, 8, 3), 'nt2_mt4_wn4_wk1_ks2_s2_xsh_c16' ->
     TileConfig(2, 4, 1, 2, wn=4, xs=X_SHARED, lut_copies=16, ks=2) (no _wn: one warp along n;
     no _ks: no cluster; _xs: X_WARP, _xsh: X_SHARED, _xr: X_ROW, none: X_GLOBAL; no _c:
-    LUT_COPIES; _wl: a wide LUT), whether or not it is one of TILE_CONFIGS."""
+    LUT_COPIES; _wl: a wide LUT), or 'wg4_bm64_ks4_s2_b4' -> WarpgroupConfig(64, 4, 2, 4, 4),
+    whether or not it is one of TILE_CONFIGS or WARPGROUP_CONFIGS."""
+    if match := _WARPGROUP_NAME.fullmatch(text.strip()):
+        wg, bm, ks, stages, batch = match.groups()
+        return WarpgroupConfig(int(bm), int(wg), int(stages), int(ks or 1), int(batch))
     match = _CONFIG_NAME.fullmatch(text.strip())
     if not match:
-        raise ValueError(f"tile config must look like nt2_mt1_wk8_s3 or nt2_mt4_wn4_wk1_ks2_s2_xsh_c16, "
-                         f"got {text!r}")
+        raise ValueError(f"tile config must look like nt2_mt1_wk8_s3, nt2_mt4_wn4_wk1_ks2_s2_xsh_c16 or "
+                         f"wg4_bm64_ks4_s2_b4, got {text!r}")
     nt, mt, wn, wk, ks, stages, xs, copies, wide = match.groups()
     return TileConfig(int(nt), int(mt), int(wk), int(stages), int(wn or 1), _X_FROM_SUFFIX[xs or ""],
                       int(copies or LUT_COPIES), int(ks or 1), wide is not None)
 
 
-def parse_tile_config(text: str) -> TileConfig:
-    """A config name (see tile_config_from_name) that is one of TILE_CONFIGS."""
+def parse_tile_config(text: str) -> TileConfig | WarpgroupConfig:
+    """A config name (see tile_config_from_name) that is one of TILE_CONFIGS or WARPGROUP_CONFIGS."""
     try:
         config = tile_config_from_name(text)
     except ValueError:
         config = None
-    if config not in TILE_CONFIGS:
-        raise ValueError(f"tile config must be one of {[str(c) for c in TILE_CONFIGS]}, got {text!r}")
+    if config not in TILE_CONFIGS + WARPGROUP_CONFIGS:
+        raise ValueError(f"tile config must be one of {[str(c) for c in TILE_CONFIGS + WARPGROUP_CONFIGS]}, "
+                         f"got {text!r}")
     return config
 
 
@@ -259,24 +336,30 @@ class KernelSpec:
     bits: int
     group: int  # kernel GROUP: group size, or 0 for one group per row
     dtype: str
-    tile: TileConfig
+    tile: TileConfig | WarpgroupConfig
 
     def __post_init__(self):
         _check_template_args(self.bits, self.group, self.dtype)
-        if self.tile not in TILE_CONFIGS:
-            raise ValueError(f"kernel tile must be one of {TILE_CONFIGS}, got {self.tile!r}")
+        if self.tile not in TILE_CONFIGS + WARPGROUP_CONFIGS:
+            raise ValueError(f"kernel tile must be one of {TILE_CONFIGS + WARPGROUP_CONFIGS}, got {self.tile!r}")
         if not instantiated(self.bits, self.group, self.tile):
             raise ValueError(f"tile config {self.tile} is not compiled for {self.bits}-bit codes "
                              f"with scale groups of {self.group} in {self.dtype}: it would spill registers")
 
     @property
     def shared_bytes(self) -> int:
-        """Dynamic shared memory of a CTA: cuda_src/lut_gemm.cuh's SharedLayout."""
+        """Dynamic shared memory of a CTA: cuda_src/lut_gemm.cuh's SharedLayout, or
+        lut_wgmma.cuh's WgmmaLayout."""
         t = self.tile
-        lut = lut_bytes(self.bits, t.lut_copies, t.wide_lut)
         groups_per_chunk = 1 if self.group == 0 else CHUNK_K // self.group
+        warp_codes = 32 * 16 * self.bits + 32 * groups_per_chunk  # a 16-row tile's codes, scales
+        if isinstance(t, WarpgroupConfig):
+            x_bytes = CHUNK_K // 8 * (t.bm // 8 * 128 + 16)
+            pipeline = lut_bytes(self.bits, LUT_COPIES) + t.stages * (x_bytes + t.warps * warp_codes)
+            return max(pipeline, t.threads * t.bm // 2 * 4 if t.ks > 1 else 0)
+        lut = lut_bytes(self.bits, t.lut_copies, t.wide_lut)
         x_bytes = 32 * 16 * t.mt * CHUNK_K // 32  # a chunk's x: 8 16-byte pieces a lane an m tile
-        warp_stage = 32 * 16 * t.nt * self.bits + 32 * t.nt * groups_per_chunk  # codes, scales
+        warp_stage = t.nt * warp_codes
         warp_stage += x_bytes if t.xs == X_WARP else 2 * CHUNK_K if t.xs == X_ROW else 0
         shared_x = t.stages * t.wk * x_bytes if t.xs == X_SHARED else 0
         pipeline = lut + t.stages * t.warps * warp_stage + shared_x
@@ -290,6 +373,9 @@ class KernelSpec:
     @property
     def name_expression(self) -> str:
         t = self.tile
+        if isinstance(t, WarpgroupConfig):
+            return (f"cuflute::lut_wgmma<{self.bits}, {self.group}, {_CXX_TYPE[self.dtype]}, {t.bm}, {t.wg}, "
+                    f"{t.stages}, {t.ks}, {t.batch}>")
         args = (f"{self.bits}, {self.group}, {_CXX_TYPE[self.dtype]}, {t.nt}, {t.mt}, {t.wn}, {t.wk}, "
                 f"{t.stages}, {int(t.xs)}, {t.lut_copies}, {int(t.wide_lut)}")
         return f"cuflute::lut_gemm_split<{args}, {t.ks}>" if t.ks > 1 else f"cuflute::lut_gemm<{args}>"
@@ -324,7 +410,8 @@ class DequantSpec:
 
 def all_specs() -> list[KernelSpec]:
     return [KernelSpec(b, g, d, t)
-            for b, g, d, t in itertools.product(SUPPORTED_BITS, KERNEL_GROUPS, DTYPES, TILE_CONFIGS)
+            for b, g, d, t in itertools.product(SUPPORTED_BITS, KERNEL_GROUPS, DTYPES,
+                                                TILE_CONFIGS + WARPGROUP_CONFIGS)
             if instantiated(b, g, t)]
 
 
@@ -334,6 +421,9 @@ def dequant_specs() -> list[DequantSpec]:
 
 # Thread-block clusters, hence tile configs with ks > 1, exist from sm_90 on.
 CLUSTER_MIN_ARCH = 90
+# wgmma, hence WarpgroupConfig's kernel, is sm_90a's alone: it is built for the H100 and H200
+# and for no other target (sm_100 has other tensor-core instructions).
+WARPGROUP_ARCH = 90
 
 
 def device_arch(props: dict) -> int:
@@ -348,13 +438,21 @@ MAX_SHARED_BYTES = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024
 
 def builds_for(spec, arch: int) -> bool:
     """Whether ``spec`` is a kernel of sm_``arch``: not a tile config that splits K over clusters
-    before sm_90, nor, on a target of TARGET_ARCHS, one that needs more shared memory than a CTA
-    there can have (it could never launch, so it is neither compiled nor checked for spills;
-    elsewhere cuflute.gemm checks the device's own limit)."""
+    before sm_90, nor a warpgroup config but on sm_90, nor, on a target of TARGET_ARCHS, one that
+    needs more shared memory than a CTA there can have (it could never launch, so it is neither
+    compiled nor checked for spills; elsewhere cuflute.gemm checks the device's own limit)."""
     if not isinstance(spec, KernelSpec):
         return True
     fits = spec.shared_bytes <= MAX_SHARED_BYTES.get(arch, spec.shared_bytes)
+    if isinstance(spec.tile, WarpgroupConfig) and arch != WARPGROUP_ARCH:
+        return False
     return fits and not (spec.tile.needs_clusters and arch < CLUSTER_MIN_ARCH)
+
+
+def arch_option(arch: int) -> str:
+    """NVRTC's target for sm_``arch``: sm_90a on sm_90, for lut_wgmma's wgmma (the others compile
+    as for sm_90); ahead of CuPy's own -arch, the first of which NVRTC takes."""
+    return f"-arch=sm_{arch}a" if arch == WARPGROUP_ARCH else f"-arch=sm_{arch}"
 
 
 def every_spec(arch: int | None = None) -> list:
@@ -389,7 +487,8 @@ def _kernel(spec: KernelSpec, device: int):
     from cupy.cuda import driver
 
     with cupy.cuda.Device(device):
-        module = cupy.RawModule(code=source(), options=compile_options(),
+        arch = device_arch(cupy.cuda.runtime.getDeviceProperties(device))
+        module = cupy.RawModule(code=source(), options=(*compile_options(), arch_option(arch)),
                                 name_expressions=[spec.name_expression])
         function = module.get_function(spec.name_expression).kernel
         # all the device allows, not spec.shared_bytes: a launch may ask for more than the kernel
@@ -434,7 +533,7 @@ class ResourceUsage:
     shared_bytes: int
 
 
-_ENTRY = re.compile(r"Compiling entry function '(\S+)' for 'sm_(\d+)'")
+_ENTRY = re.compile(r"Compiling entry function '(\S+)' for 'sm_\w+'")
 _SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _REGS = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
 
@@ -495,7 +594,7 @@ def nvrtc_compile(specs, arch: int, cubin_path: str | None = None) -> list[Resou
     try:
         for spec in specs:
             nvrtc.addNameExpression(program, spec.name_expression)
-        options = [*compile_options(), f"-I{cuda_include_dir()}", f"-arch=sm_{arch}", "-Xptxas=-v"]
+        options = [*compile_options(), f"-I{cuda_include_dir()}", arch_option(arch), "-Xptxas=-v"]
         try:
             nvrtc.compileProgram(program, options)
         except nvrtc.NVRTCError as error:

@@ -4,9 +4,10 @@ import pytest
 
 from cuflute import dispatch
 from cuflute.dispatch import DENSE, DENSE_MIN_M, gpu_slug, heuristic_config, parse_config, select_config
-from cuflute.kernels import (MAX_K_SPLITS, MAX_SHARED_BYTES, TARGET_ARCHS, TILE_CONFIGS, X_ROW, X_SHARED,
-                             X_WARP, KernelSpec, TileConfig, all_specs, builds_for, every_spec,
-                             instantiated, parse_tile_config, tile_config_from_name)
+from cuflute.kernels import (MAX_K_SPLITS, MAX_SHARED_BYTES, TARGET_ARCHS, TILE_CONFIGS, WARPGROUP_CONFIGS,
+                             X_ROW, X_SHARED, X_WARP, KernelSpec, TileConfig, WarpgroupConfig, all_specs,
+                             arch_option, builds_for, every_spec, instantiated, parse_tile_config,
+                             tile_config_from_name)
 
 
 @pytest.mark.parametrize("m", [1, 2, 7, 8, 9, 16, 17, 64, 300, 100000])
@@ -39,9 +40,9 @@ def test_small_groups_never_get_four_m_tiles(group):
     with pytest.raises(ValueError, match="is not compiled for 4-bit codes with scale groups of 32"):
         KernelSpec(4, 32, "float16", TileConfig(2, 4, 2, xs=X_WARP))
     # (a warp that scales the A operand holds no second set of sums: those are built)
-    assert not any(s.tile.mt == 4 and s.group in (32, 64) and not s.tile.scales_a_operand
-                   for s in all_specs())
-    assert any(s.tile.mt >= 4 and s.group == 32 and s.tile.scales_a_operand for s in all_specs())
+    tiled = [s for s in all_specs() if isinstance(s.tile, TileConfig)]
+    assert not any(s.tile.mt == 4 and s.group in (32, 64) and not s.tile.scales_a_operand for s in tiled)
+    assert any(s.tile.mt >= 4 and s.group == 32 and s.tile.scales_a_operand for s in tiled)
 
 
 def test_kernel_spec_validation():
@@ -75,7 +76,7 @@ def test_name_expression_and_count():
     # 3 bit widths x 5 groups x 2 dtypes a config, but eight to fifteen tiles a warp not with
     # groups of 32 or 64, ten to fifteen not with 3-bit codes, five n tiles of fewer than eight
     # not with 2-bit codes and groups of 64, and 32 (the A operand scaled) not with 3-bit codes
-    # and one group a row; a wide LUT only with 4-bit codes
+    # and one group a row; a wide LUT only with 4-bit codes; a warpgroup config with all
     narrow = [c for c in TILE_CONFIGS if not c.wide_lut]
     summed = [c for c in narrow if not c.scales_a_operand]
     eight_tiles = sum(c.mt * c.nt >= 8 for c in summed)
@@ -85,7 +86,7 @@ def test_name_expression_and_count():
     wide_groups = sum(5 - 2 * (not c.scales_a_operand and c.mt * c.nt >= 8) for c in TILE_CONFIGS if c.wide_lut)
     assert ten_tiles >= 1 and five_n_tiles >= 1 and thirty_two >= 1 and wide_groups >= 1
     assert len(all_specs()) == 2 * (15 * len(narrow) - 3 * 2 * eight_tiles - 3 * ten_tiles - thirty_two + wide_groups) \
-        - 2 * five_n_tiles
+        - 2 * five_n_tiles + 30 * len(WARPGROUP_CONFIGS)
 
 
 def test_cluster_configs_split_k_on_sm90_only():
@@ -217,3 +218,27 @@ def test_spread_shared_memory_holds_an_sm_to_that_many_ctas(props):
         assert 0 < dynamic <= props["sharedMemPerBlockOptin"]
         per_cta = -(-(dynamic + props["reservedSharedMemPerBlock"]) // SHARED_GRANULE) * SHARED_GRANULE
         assert props["sharedMemPerMultiprocessor"] // per_cta == ctas, (ctas, dynamic)
+
+
+def test_warpgroup_configs_are_sm90a_kernels():
+    config = WarpgroupConfig(bm=64, ks=4)
+    assert config in WARPGROUP_CONFIGS and str(config) == "wg4_bm64_ks4_s2_b4"
+    assert tile_config_from_name("wg4_bm64_ks4_s2_b4") == parse_tile_config(str(config)) == config
+    assert parse_config("wg4_bm128_s2_b2") == WarpgroupConfig(bm=128, batch=2)
+    with pytest.raises(ValueError, match="must be one of"):
+        parse_tile_config("wg2_bm64_s2_b4")  # a valid name, not a built config
+    assert (config.block_m, config.block_n_tiles, config.threads, config.needs_clusters) == (64, 16, 512, True)
+    assert config.takes(10**6) and config.scales_a_operand
+    spec = KernelSpec(3, 0, "bfloat16", config)
+    assert spec.name_expression == "cuflute::lut_wgmma<3, 0, __nv_bfloat16, 64, 4, 2, 4, 4>"
+    assert builds_for(spec, 90) and not any(builds_for(spec, a) for a in (80, 86, 89, 100))
+    assert spec in every_spec(90) and spec not in every_spec(80)
+    # the LUT, two stages of x (32 groups of 8 k, 16 bytes apart) and sixteen warps' codes and scales
+    big = KernelSpec(4, 128, "float16", WarpgroupConfig(bm=128, batch=2))
+    assert big.shared_bytes == 32768 + 2 * (32 * (128 * 16 + 16) + 16 * (2048 + 64)) == MAX_SHARED_BYTES[90]
+    assert not builds_for(KernelSpec(4, 64, "float16", WarpgroupConfig(bm=128, batch=2)), 90)  # more scales
+    assert arch_option(90) == "-arch=sm_90a" and arch_option(80) == "-arch=sm_80"
+    for bad, message in (({"bm": 16}, "bm must be"), ({"bm": 32, "wg": 8}, "wg must be"),
+                         ({"bm": 64, "batch": 3}, "batch 1, 2, 4 or 8"), ({"bm": 64, "ks": 9}, "ks")):
+        with pytest.raises(ValueError, match=message):
+            WarpgroupConfig(**bad)

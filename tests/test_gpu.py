@@ -12,7 +12,8 @@ import pytest
 import cuflute
 from cuflute import dtypes, gemm, reference
 from cuflute.dispatch import DENSE
-from cuflute.kernels import CLUSTER_MIN_ARCH, TILE_CONFIGS, device_arch, instantiated
+from cuflute.kernels import (CLUSTER_MIN_ARCH, TILE_CONFIGS, WARPGROUP_CONFIGS, KernelSpec, WarpgroupConfig,
+                             builds_for, device_arch, instantiated)
 
 pytestmark = pytest.mark.gpu
 torch = pytest.importorskip("torch") if cuflute.gpu_available() else None
@@ -43,6 +44,14 @@ def _to_torch(x64, dtype):
 
 def _has_clusters():
     return device_arch(gemm.device_properties(0)) >= CLUSTER_MIN_ARCH
+
+
+def _skip_unless_built_here(config, bits, group_size, dtype):
+    """Skip a config this device cannot run: clusters before sm_90, wgmma but on sm_90, or more
+    shared memory than a CTA has."""
+    spec = KernelSpec(bits, group_size or 0, dtype, config)
+    if not builds_for(spec, device_arch(gemm.device_properties(0))):
+        pytest.skip(f"{config} is not built for this device ({bits}-bit, group {group_size})")
 
 
 def _rel_error(y, ref):
@@ -82,7 +91,7 @@ def test_kernel_matches_reference(bits, group_size, dtype, n, k):
         assert err < REL_ERROR_BOUND[dtype], f"rel error {err:.2e}: {where}"
 
 
-CONFIG_CASES = [(c, bits, g) for c in TILE_CONFIGS + (DENSE,)
+CONFIG_CASES = [(c, bits, g) for c in TILE_CONFIGS + WARPGROUP_CONFIGS + (DENSE,)
                 for bits, g in [(3, 32), (4, None), (2, 128), (4, 64)]
                 if c == DENSE or instantiated(bits, g or 0, c)]
 
@@ -93,8 +102,8 @@ def test_every_tile_config_matches_reference(config, bits, group_size, n, k):
     """Each config forced (the dispatcher only picks some), with fewer chunks than warps
     (K = 256), a ragged last tile (N = 1000) and long rows (K = 8192); a config of one row of x
     refuses more."""
-    if config != DENSE and config.needs_clusters and not _has_clusters():
-        pytest.skip("thread-block clusters need compute capability 9.0")
+    if config != DENSE:
+        _skip_unless_built_here(config, bits, group_size, "float16")
     packed, w64 = _weight(n, k, bits, group_size, "float16")
     for m in (1, 9, 17, 40):
         x64 = _random_x(m, k, "float16", seed=zlib.crc32(repr((m, n, str(config))).encode()))
@@ -111,18 +120,18 @@ def test_every_tile_config_matches_reference(config, bits, group_size, n, k):
         assert err < REL_ERROR_BOUND["float16"], f"rel error {err:.2e}: {where}"
 
 
-MANY_TILE_CASES = [(c, bits, g) for c in TILE_CONFIGS if c.mt * c.nt >= 8
+MANY_TILE_CASES = [(c, bits, g) for c in TILE_CONFIGS + WARPGROUP_CONFIGS
+                   if isinstance(c, WarpgroupConfig) or c.mt * c.nt >= 8
                    for bits, g in [(4, 128), (3, 64), (2, None)] if instantiated(bits, g or 0, c)]
 
 
 @pytest.mark.parametrize("config, bits, group_size", MANY_TILE_CASES, ids=str)
 def test_many_tile_configs_in_bfloat16(config, bits, group_size):
-    """The configs of eight tiles a warp or more, at the register limit, in bfloat16: those that
-    scale the looked-up weight in the activations' dtype (bfloat16's products differ most from
-    float32's) and those that widen a group's bfloat16 scales to scale its sums, over part of an
-    m block, one, and two."""
-    if config.needs_clusters and not _has_clusters():
-        pytest.skip("thread-block clusters need compute capability 9.0")
+    """The configs of eight tiles a warp or more, at the register limit, and the warpgroup
+    configs, in bfloat16: those that scale the looked-up weight in the activations' dtype
+    (bfloat16's products differ most from float32's) and those that widen a group's bfloat16
+    scales to scale its sums, over part of an m block, one, and two."""
+    _skip_unless_built_here(config, bits, group_size, "bfloat16")
     n, k = 1000, 2304
     packed, w64 = _weight(n, k, bits, group_size, "bfloat16")
     for m in (config.block_m // 2 + 1, config.block_m, config.block_m + 3):

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from cuflute.dispatch import DENSE
-from cuflute.kernels import TILE_CONFIGS, X_ROW, X_SHARED, X_WARP, TileConfig
+from cuflute.kernels import TILE_CONFIGS, WARPGROUP_CONFIGS, X_ROW, X_SHARED, X_WARP, TileConfig, WarpgroupConfig
 from cuflute.tune import load_sweep, useful_at
 
 SWEEPS = Path(__file__).resolve().parent.parent / "tuning" / "sweeps"
@@ -13,7 +13,7 @@ SWEEPS = Path(__file__).resolve().parent.parent / "tuning" / "sweeps"
 def test_committed_sweeps_load(path):
     sweep = load_sweep(path)
     assert sweep.shapes and sweep.m_buckets == tuple(sorted(sweep.m_buckets))
-    assert set(sweep.candidates) <= set(TILE_CONFIGS) | {DENSE}
+    assert set(sweep.candidates) <= set(TILE_CONFIGS + WARPGROUP_CONFIGS) | {DENSE}
 
 
 def _write(tmp_path, body):
@@ -31,7 +31,7 @@ def test_sweep_fields(tmp_path):
     assert sweep.name == "s" and sweep.shapes == ((64, 256),) and sweep.m_buckets == (1, 16)
     assert sweep.group_sizes == (128, "channel")
     assert sweep.candidates == (TileConfig(2, 1, 4, xs=X_WARP), TileConfig(2, 2, 2, wn=2, xs=X_SHARED), DENSE)
-    assert load_sweep(_write(tmp_path, BASE)).candidates == TILE_CONFIGS + (DENSE,)
+    assert load_sweep(_write(tmp_path, BASE)).candidates == TILE_CONFIGS + WARPGROUP_CONFIGS + (DENSE,)
 
 
 @pytest.mark.parametrize("replace, match", [
@@ -60,3 +60,5 @@ def test_useful_at_prunes_wide_m_tiles_for_small_m():
     one_row = TileConfig(1, 1, 4, xs=X_ROW)
     assert useful_at(one_row, 1) and not useful_at(one_row, 2)
     assert not useful_at(DENSE, 16) and useful_at(DENSE, 32)
+    warpgroups = WarpgroupConfig(bm=128, batch=2)
+    assert not useful_at(warpgroups, 63) and useful_at(warpgroups, 64) and useful_at(warpgroups, 10**4)

@@ -1,0 +1,315 @@
+// cuflute warpgroup LUT GEMM (sm_90a): y[M, N] = x[M, K] @ W'[N, K]^T as lut_gemm.cuh computes
+// it, from the same packed weight, for M from 32 up.
+//
+// Why a second kernel: lut_gemm's warps each run mma.sync on their own 16 or 32 weight rows and
+// read x from shared memory through registers, one or two warps a scheduler, and at M >= 32 they
+// wait on latency with the tensor pipe half idle (docs/PERF_NOTES.md v31). Here a CTA of WG
+// warpgroups takes 64 WG weight rows and BM columns of x: each warp decodes its 16-row tile's
+// A fragments from the pair LUT into registers, exactly as lut_gemm does, and the warpgroup
+// issues wgmma with B, the chunk's x, read by the tensor cores straight from shared memory. One
+// copy of x a stage serves all 64 WG rows, and the decode of step s + 1 overlaps the wgmma of
+// step s. K may be split over a cluster of KS CTAs, summed through shared memory (DSMEM). On the
+// H100 it wins a third of the benchmark's cells at M = 32 to 128, most at 128, and lut_gemm the
+// rest (docs/PERF_NOTES.md v32): the tuned table says which.
+//
+// Template parameters
+//   BITS, GROUP, T   as lut_gemm
+//   BM      columns of x (rows of M) a CTA: 32, 64 or 128; blockIdx.x steps M by BM
+//   WG      warpgroups a CTA, each 64 weight rows (4 tiles of 16): blockIdx.y steps N by 64 WG
+//   STAGES  chunks in the cp.async pipeline (codes, scales and x): STAGES - 1 in flight
+//   KS      CTAs of a cluster along z splitting K into contiguous ranges of chunks
+//   BATCH   mma steps decoded before their wgmmas go as one group (1, 2, 4, 8)
+//
+// Dynamic shared memory (cuflute.kernels.KernelSpec.shared_bytes computes the same):
+//   [pair LUT, 32 copies][STAGES][x of a chunk][STAGES][4 WG warps][a tile's codes and scales]
+//   and, once the K loop is over, the warps' sums (KS > 1).
+//
+// A chunk's x in shared memory, laid out for the wgmma B descriptor (K-major, no swizzle): a
+// core matrix is 8 rows of x (m) by 8 k, 16 bytes a row, 128 bytes in all. Step s of the chunk
+// takes the packed layout's permuted k (lut_gemm.cuh): its logical k 2t + e and 8 + 2t + e
+// (t = 0..3, e = 0, 1) are the chunk's k 32 j + 8 t + 4 h + e and 32 j + 8 t + 4 h + 2 + e,
+// s = 2 j + h. So the 4-byte word t of a row of the core matrix of half u of step s is
+// x[m][32 j + 8 t + 4 h + 2 u, +2), and with combo = 4 j + 2 h + u = 2 s + u the core matrices go
+//
+//   byte combo * (BM / 8 * 128 + 16) + (m / 8) * 128 + (m % 8) * 16 + t * 4
+//
+// (leading byte offset, the next 8 k: BM / 8 * 128 + 16; stride byte offset, the next 8 rows:
+// 128). A warp copies 32 consecutive words of a row of x, 128 bytes, a word a lane: lane l's word
+// 32 p + l of the row's chunk (p = 0..3) has j = 2 p + l / 16, t = l % 16 / 4 and combo
+// 8 p + 4 (l / 16) + l % 4. The 16 bytes between combos put the eight combos of the warp's words
+// in eight different sets of four banks.
+
+#pragma once
+#include "lut_gemm.cuh"
+
+namespace cuflute {
+
+// d (N / 2 floats a thread) += a (the warp's 16 rows of A, 4 words a lane, as mma.sync's A
+// fragment) x B (N columns, from the shared-memory descriptor b): wgmma with A from registers,
+// scale-d 1, B not transposed.
+template <typename T, int N> struct Wgmma;
+
+// The operands of one shape: the asm's accumulator list and the a and b after it, then the
+// accumulators' constraints, eight at a time.
+#define CUFLUTE_D8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), \
+                      "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
+#define CUFLUTE_N32_OPERANDS "%0, %1, %2, %3, %4, %5, %6, %7, "                                   \
+                             "%8, %9, %10, %11, %12, %13, %14, %15}, {%16, %17, %18, %19}, %20"
+#define CUFLUTE_N64_OPERANDS "%0, %1, %2, %3, %4, %5, %6, %7, "                                   \
+                             "%8, %9, %10, %11, %12, %13, %14, %15, "                             \
+                             "%16, %17, %18, %19, %20, %21, %22, %23, "                           \
+                             "%24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36"
+#define CUFLUTE_WGMMA(CXX, PTX, N, OPERANDS, ...)                                                 \
+  template <> struct Wgmma<CXX, N> {                                                              \
+    static __device__ __forceinline__ void mma(float (&d)[N / 2], const u32 (&a)[4],              \
+                                               unsigned long long b) {                            \
+      asm volatile("wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." PTX "." PTX " {" OPERANDS    \
+                   ", 1, 1, 1, 0;\n"                                                              \
+                   : __VA_ARGS__                                                                  \
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));                         \
+    }                                                                                             \
+  };
+
+CUFLUTE_WGMMA(__half, "f16", 32, CUFLUTE_N32_OPERANDS, CUFLUTE_D8(0), CUFLUTE_D8(8))
+CUFLUTE_WGMMA(__nv_bfloat16, "bf16", 32, CUFLUTE_N32_OPERANDS, CUFLUTE_D8(0), CUFLUTE_D8(8))
+CUFLUTE_WGMMA(__half, "f16", 64, CUFLUTE_N64_OPERANDS, CUFLUTE_D8(0), CUFLUTE_D8(8), CUFLUTE_D8(16), CUFLUTE_D8(24))
+CUFLUTE_WGMMA(__nv_bfloat16, "bf16", 64, CUFLUTE_N64_OPERANDS, CUFLUTE_D8(0), CUFLUTE_D8(8), CUFLUTE_D8(16),
+              CUFLUTE_D8(24))
+#undef CUFLUTE_WGMMA
+#undef CUFLUTE_N64_OPERANDS
+#undef CUFLUTE_N32_OPERANDS
+#undef CUFLUTE_D8
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(N) : "memory");
+}
+// The accumulators are written by the tensor cores between a wgmma and its wait: the compiler
+// must not move their reads (or the zeroing) across the wait.
+template <int R> __device__ __forceinline__ void fence_registers(float (&d)[R]) {
+#pragma unroll
+  for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i]) :: "memory");
+}
+// Shared memory written by the generic proxy (cp.async, stores) and read next by the tensor cores.
+__device__ __forceinline__ void fence_proxy_async() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// A wgmma shared-memory descriptor, no swizzle: start address, leading and stride byte offsets.
+__device__ __forceinline__ unsigned long long smem_descriptor(u32 address, u32 leading, u32 stride) {
+  return (unsigned long long)((address & 0x3FFFF) >> 4) | (unsigned long long)(leading >> 4) << 16 |
+         (unsigned long long)(stride >> 4) << 32;
+}
+
+// 4 bytes global -> shared through L1 (a row's 16 bytes feed four core matrices, so the next
+// three copies of the warp find them there); zero-filled when !valid.
+__device__ __forceinline__ void copy_async_4(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n"
+               :: "r"(shared_address(dst)), "l"(src), "r"(valid ? 4 : 0));
+}
+
+template <int BITS, int GROUP, int BM, int WG, int STAGES, int KS> struct WgmmaLayout {
+  static_assert(BM == 32 || BM == 64 || BM == 128, "BM must be 32, 64 or 128");
+  static constexpr int kWarps = 4 * WG;
+  using Tile = WarpTile<BITS, GROUP, 1, 1, kXGlobal>;  // a warp's stage: its tile's codes, scales
+  static constexpr int kLutBytes = CodeLayout<BITS>::kLutBytes;
+  static constexpr int kComboBytes = BM / 8 * 128 + 16;   // the x of one combo (above)
+  static constexpr int kXBytes = 2 * kStepsPerChunk * kComboBytes;
+  static constexpr int kPipelineBytes = kLutBytes + STAGES * (kXBytes + kWarps * Tile::kStageBytes);
+  static constexpr int kPartialBytes = KS > 1 ? 32 * kWarps * BM / 2 * 4 : 0;
+  static constexpr int kBytes = kPipelineBytes > kPartialBytes ? kPipelineBytes : kPartialBytes;
+  static __device__ __forceinline__ unsigned char* x_stage(unsigned char* smem, int i) {
+    return smem + kLutBytes + (i % STAGES) * kXBytes;
+  }
+  static __device__ __forceinline__ unsigned char* warp_stage(unsigned char* smem, int warp, int i) {
+    return smem + kLutBytes + STAGES * kXBytes + ((i % STAGES) * kWarps + warp) * Tile::kStageBytes;
+  }
+};
+
+template <int BITS, int GROUP, typename T, int BM, int WG, int STAGES, int KS, int BATCH>
+__device__ __forceinline__ void lut_wgmma_cta(const T* __restrict__ x, long long x_row_stride,
+                                              const uint4* __restrict__ qweight,
+                                              const u32* __restrict__ scales,
+                                              const u32* __restrict__ pair_lut, T* __restrict__ y,
+                                              int M, int N, int K, int k_chunks, int n_groups) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Smem = WgmmaLayout<BITS, GROUP, BM, WG, STAGES, KS>;
+  using Tile = typename Smem::Tile;
+  using Layout = CodeLayout<BITS>;
+  using Traits = DTypeTraits<T>;
+  constexpr int kWarps = Smem::kWarps;
+  constexpr int kThreads = 32 * kWarps;
+  constexpr int kN = BM < 64 ? BM : 64;  // n of one wgmma; BM = 128 takes two a step
+  constexpr int kMmas = BM / kN;
+  constexpr int kBatch = BATCH;          // steps a wgmma group
+  static_assert(kStepsPerChunk % kBatch == 0, "BATCH must divide a chunk's 16 steps");
+  // A warp copies rows warp, warp + kWarps, ... of the block's x, each in 4 pieces of 64 k.
+  static_assert(BM % kWarps == 0, "BM must be a multiple of the warps");
+  constexpr int kRowsPerWarp = BM / kWarps;
+  static_assert(KS >= 1 && KS <= 8, "KS must be 1 to 8 (a portable cluster)");
+  extern __shared__ __align__(128) unsigned char smem[];
+  check_dynamic_shared(Smem::kBytes);
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int gid = lane >> 2;
+  const u32 lane_bytes = 4u * lane;
+  const int n_tiles = (N + 15) / 16;
+  const int m0 = blockIdx.x * BM;
+  const int tile = blockIdx.y * kWarps + warp;  // warp w % 4 of warpgroup w / 4: its rows 16 w
+  const int split_chunks = (k_chunks + KS - 1) / KS;
+  const int chunk0 = KS > 1 ? blockIdx.z * split_chunks : 0;
+  const int cta_chunks = KS > 1 ? max(0, min(split_chunks, k_chunks - chunk0)) : k_chunks;
+
+  // Row warp + r kWarps of the block: its words from x_words + r row_words; rows past M are not
+  // read (their copies zero-fill), and their address is row 0's of the warp, clamped into x.
+  const u32* x_words = reinterpret_cast<const u32*>(x + (long long)min(m0 + warp, M - 1) * x_row_stride) + lane;
+  const int rows_left = M - m0 - warp;
+  long long row_words = kWarps * x_row_stride / 2;
+  const int lane_combo = 4 * (lane >> 4) + (lane & 3);
+  const u32 lane_x_offset = lane_combo * Smem::kComboBytes + 4 * ((lane >> 2) & 3);
+  auto issue = [&](int i) {
+    if (i < cta_chunks) {
+      const int c = chunk0 + i;
+      copy_chunk_async<BITS, GROUP, 1>(Smem::warp_stage(smem, warp, i), qweight, scales, tile, c,
+                                       n_tiles, k_chunks, n_groups, lane);
+      unsigned char* xs = Smem::x_stage(smem, i) + lane_x_offset;
+      // The stride made opaque a chunk: else ptxas keeps every row's address in registers.
+      asm volatile("" : "+l"(row_words));
+#pragma unroll
+      for (int r = 0; r < kRowsPerWarp; ++r) {
+        const int m = warp + r * kWarps;
+        const bool valid_row = r * kWarps < rows_left;
+        const u32* src = valid_row ? x_words + r * row_words : x_words;
+#pragma unroll
+        for (int piece = 0; piece < 4; ++piece) {
+          const int word = 128 * c + 32 * piece;  // from src: + lane
+          copy_async_4(xs + 8 * piece * Smem::kComboBytes + (m >> 3) * 128 + (m & 7) * 16, src + word,
+                       valid_row && 2 * (word + lane) < K);
+        }
+      }
+    }
+    copy_async_commit();
+  };
+
+  // The LUT before the wait for the grid ahead (no grid ahead writes a weight: lut_gemm.cuh's
+  // launch_dependent_grids), the first chunks' codes and x after it.
+  launch_dependent_grids();
+  fill_lut<BITS, 32, 0, kThreads>(smem, pair_lut, threadIdx.x);
+  wait_for_prior_grid();
+#pragma unroll
+  for (int i = 0; i < STAGES - 1; ++i) issue(i);
+
+  float acc[kMmas][kN / 2];
+#pragma unroll
+  for (int q = 0; q < kMmas; ++q)
+#pragma unroll
+    for (int r = 0; r < kN / 2; ++r) acc[q][r] = 0.f;
+
+  const char* lut = reinterpret_cast<const char*>(smem);
+  for (int i = 0; i < cta_chunks; ++i) {
+    copy_async_wait<STAGES - 2>();
+    fence_proxy_async();
+    // Every thread's pieces of chunk i are in, and every warpgroup is done with chunk i - 1
+    // (its wgmmas waited for), whose stage the next issue overwrites.
+    __syncthreads();
+    issue(i + STAGES - 1);
+    const unsigned char* stage = Smem::warp_stage(smem, warp, i);
+    const u32 x_base = shared_address(Smem::x_stage(smem, i));
+    u32 w[Layout::kWords];
+    u32 scale_lo = 0, scale_hi = 0;
+    // kBatch steps decoded, then their wgmmas issued back to back as one group: the tensor cores
+    // chain them on the accumulators while the next batch decodes.
+#pragma unroll
+    for (int s0 = 0; s0 < kStepsPerChunk; s0 += kBatch) {
+      u32 a[kBatch][4];
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b) {
+        const int s = s0 + b;
+#pragma unroll
+        for (int v = 0; v < BITS; ++v)
+          if (Layout::first_step(v) == s) set_code_vector<BITS>(w, v, Tile::stage_code_vector(stage, lane, 0, v));
+        if (GROUP != 0 && s % Tile::kStepsPerGroup == 0) {
+          const u32 scale = Tile::stage_scale(stage, lane, 0, s / Tile::kStepsPerGroup);
+          scale_lo = __byte_perm(scale, 0, 0x1010);
+          scale_hi = __byte_perm(scale, 0, 0x3232);
+        }
+#pragma unroll
+        for (int p = 0; p < 4; ++p) a[b][p] = *reinterpret_cast<const u32*>(lut + Layout::lut_offset(w, s, p, lane_bytes));
+        if constexpr (GROUP != 0) {
+#pragma unroll
+          for (int p = 0; p < 4; ++p) a[b][p] = Traits::mul_pairs(a[b][p], p & 1 ? scale_hi : scale_lo);
+        }
+      }
+      wgmma_fence();
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b)
+#pragma unroll
+        for (int q = 0; q < kMmas; ++q)
+          Wgmma<T, kN>::mma(acc[q], a[b], smem_descriptor(x_base + 2 * (s0 + b) * Smem::kComboBytes + q * kN / 8 * 128,
+                                                          Smem::kComboBytes, 128));
+      wgmma_commit();
+      wgmma_wait<1>();
+    }
+    wgmma_wait<0>();
+#pragma unroll
+    for (int q = 0; q < kMmas; ++q) fence_registers(acc[q]);
+  }
+  copy_async_wait<0>();
+
+  // Accumulator r of wgmma q: row 16 (warp % 4) + gid + 8 ((r / 2) % 2) of the warpgroup's 64,
+  // column q kN + 8 (r / 4) + 2 tig + r % 2.
+  float row_scale[2] = {1.f, 1.f};
+  if constexpr (GROUP == 0) {
+    const float2 sc = Traits::pair_to_float2(tile < n_tiles ? __ldg(scales + (long long)tile * n_groups * 8 + gid) : 0u);
+    row_scale[0] = sc.x;
+    row_scale[1] = sc.y;
+  }
+  auto coord = [&](int t, int q, int r) {
+    const int l = t & 31, w_ = t >> 5;
+    return make_int2((blockIdx.y * kWarps + w_) * 16 + (l >> 2) + 8 * ((r >> 1) & 1),
+                     m0 + q * kN + 8 * (r >> 2) + 2 * (l & 3) + (r & 1));
+  };
+  if constexpr (KS == 1) {
+#pragma unroll
+    for (int q = 0; q < kMmas; ++q)
+#pragma unroll
+      for (int r = 0; r < kN / 2; ++r) {
+        const int2 nm = coord(threadIdx.x, q, r);
+        if (nm.x < N && nm.y < M)
+          y[(long long)nm.y * N + nm.x] = Traits::from_float(acc[q][r] * row_scale[(r >> 1) & 1]);
+      }
+  } else {
+    float* partial = reinterpret_cast<float*>(smem);
+    __syncthreads();  // every warp is past its last LUT and stage read
+#pragma unroll
+    for (int q = 0; q < kMmas; ++q)
+#pragma unroll
+      for (int r = 0; r < kN / 2; ++r)
+        partial[(q * kN / 2 + r) * kThreads + threadIdx.x] = acc[q][r] * row_scale[(r >> 1) & 1];
+    cluster_sync();
+    // CTA z of the cluster adds and stores accumulators z, z + KS, ... of every thread.
+    for (int j = blockIdx.z; j < BM / 2; j += KS) {
+      float sum = 0.f;
+#pragma unroll
+      for (int z = 0; z < KS; ++z) sum += load_cluster_shared(shared_address(partial + j * kThreads + threadIdx.x), z);
+      const int2 nm = coord(threadIdx.x, j / (kN / 2), j % (kN / 2));
+      if (nm.x < N && nm.y < M) y[(long long)nm.y * N + nm.x] = Traits::from_float(sum);
+    }
+    cluster_sync();  // no CTA leaves while the others read its sums
+  }
+#else
+  __trap();  // wgmma needs sm_90a (cuflute.kernels builds these for it alone)
+#endif
+}
+
+template <int BITS, int GROUP, typename T, int BM, int WG, int STAGES, int KS, int BATCH>
+__global__ void CUFLUTE_CLUSTER_ALONG_Z(KS) __launch_bounds__(128 * WG, 1)
+lut_wgmma(const T* __restrict__ x, long long x_row_stride, const uint4* __restrict__ qweight,
+          const u32* __restrict__ scales, const u32* __restrict__ pair_lut, T* __restrict__ y,
+          int M, int N, int K, int k_chunks, int n_groups) {
+  lut_wgmma_cta<BITS, GROUP, T, BM, WG, STAGES, KS, BATCH>(x, x_row_stride, qweight, scales, pair_lut, y,
+                                                    M, N, K, k_chunks, n_groups);
+}
+
+}  // namespace cuflute
