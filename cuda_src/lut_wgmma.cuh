@@ -309,7 +309,7 @@ lut_wgmma(const T* __restrict__ x, long long x_row_stride, const uint4* __restri
           const u32* __restrict__ scales, const u32* __restrict__ pair_lut, T* __restrict__ y,
           int M, int N, int K, int k_chunks, int n_groups) {
   lut_wgmma_cta<BITS, GROUP, T, BM, WG, STAGES, KS, BATCH>(x, x_row_stride, qweight, scales, pair_lut, y,
-                                                    M, N, K, k_chunks, n_groups);
+                                                           M, N, K, k_chunks, n_groups);
 }
 
 }  // namespace cuflute
