@@ -25,14 +25,14 @@ def _compile(args: argparse.Namespace) -> int:
 
 
 def _compile_check(args: argparse.Namespace) -> int:
-    from .kernels import TARGET_ARCHS, every_spec, nvrtc_compile
+    from .kernels import TARGET_ARCHS, arch_option, every_spec, nvrtc_compile
 
     failures = 0
     for arch in args.arch or TARGET_ARCHS:
         usages = nvrtc_compile(every_spec(arch), arch)
         spilled = [u for u in usages if u.spill_stores or u.spill_loads or u.stack_frame]
         failures += len(spilled)
-        print(f"sm_{arch}: {len(usages)} specializations, registers "
+        print(f"{arch_option(arch).removeprefix('-arch=')}: {len(usages)} specializations, registers "
               f"{min(u.registers for u in usages)}..{max(u.registers for u in usages)}, "
               f"{len(spilled)} with local memory")
         for u in spilled:
