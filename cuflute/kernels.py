@@ -164,7 +164,7 @@ class WarpgroupConfig:
 
     @property
     def block_n_tiles(self) -> int:
-        return 4 * self.wg
+        return self.warps  # one 16-row tile a warp
 
     @property
     def needs_clusters(self) -> bool:
@@ -266,6 +266,12 @@ WARPGROUP_CONFIGS = (
 )
 
 
+def built_configs() -> tuple:
+    """Every config compiled, of both LUT GEMM kernels: TILE_CONFIGS, then WARPGROUP_CONFIGS (read
+    at each call, so that a tool that admits more TILE_CONFIGS, scripts/compare_configs.py, is heard)."""
+    return TILE_CONFIGS + WARPGROUP_CONFIGS
+
+
 def instantiated(bits: int, group: int, tile: TileConfig) -> bool:
     """Whether (bits, kernel GROUP, tile) is compiled, in either dtype. Where a warp holds many tiles, ptxas
     needs more than 255 registers and spills (sm_80 to sm_90), so these are not: eight 16 x 8
@@ -313,9 +319,8 @@ def parse_tile_config(text: str) -> TileConfig | WarpgroupConfig:
         config = tile_config_from_name(text)
     except ValueError:
         config = None
-    if config not in TILE_CONFIGS + WARPGROUP_CONFIGS:
-        raise ValueError(f"tile config must be one of {[str(c) for c in TILE_CONFIGS + WARPGROUP_CONFIGS]}, "
-                         f"got {text!r}")
+    if config not in built_configs():
+        raise ValueError(f"tile config must be one of {[str(c) for c in built_configs()]}, got {text!r}")
     return config
 
 
@@ -340,8 +345,8 @@ class KernelSpec:
 
     def __post_init__(self):
         _check_template_args(self.bits, self.group, self.dtype)
-        if self.tile not in TILE_CONFIGS + WARPGROUP_CONFIGS:
-            raise ValueError(f"kernel tile must be one of {TILE_CONFIGS + WARPGROUP_CONFIGS}, got {self.tile!r}")
+        if self.tile not in built_configs():
+            raise ValueError(f"kernel tile must be one of {built_configs()}, got {self.tile!r}")
         if not instantiated(self.bits, self.group, self.tile):
             raise ValueError(f"tile config {self.tile} is not compiled for {self.bits}-bit codes "
                              f"with scale groups of {self.group} in {self.dtype}: it would spill registers")
@@ -410,8 +415,7 @@ class DequantSpec:
 
 def all_specs() -> list[KernelSpec]:
     return [KernelSpec(b, g, d, t)
-            for b, g, d, t in itertools.product(SUPPORTED_BITS, KERNEL_GROUPS, DTYPES,
-                                                TILE_CONFIGS + WARPGROUP_CONFIGS)
+            for b, g, d, t in itertools.product(SUPPORTED_BITS, KERNEL_GROUPS, DTYPES, built_configs())
             if instantiated(b, g, t)]
 
 
@@ -443,9 +447,9 @@ def builds_for(spec, arch: int) -> bool:
     compiled nor checked for spills; elsewhere cuflute.gemm checks the device's own limit)."""
     if not isinstance(spec, KernelSpec):
         return True
-    fits = spec.shared_bytes <= MAX_SHARED_BYTES.get(arch, spec.shared_bytes)
     if isinstance(spec.tile, WarpgroupConfig) and arch != WARPGROUP_ARCH:
         return False
+    fits = spec.shared_bytes <= MAX_SHARED_BYTES.get(arch, spec.shared_bytes)
     return fits and not (spec.tile.needs_clusters and arch < CLUSTER_MIN_ARCH)
 
 

@@ -32,8 +32,7 @@ from .dispatch import DENSE, DENSE_CACHED, gpu_slug, heuristic_config, parse_con
 from .dtypes import DTYPES
 from .formats import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 from .gemm import dequantize, device_properties, qgemm
-from .kernels import (TILE_CONFIGS, WARPGROUP_CONFIGS, KernelSpec, TileConfig, builds_for, device_arch,
-                      instantiated)
+from .kernels import KernelSpec, TileConfig, built_configs, builds_for, device_arch, instantiated
 from .packing import TILE_N, packed_nbytes, random_packed
 
 CHECK_TILES = 4  # row tiles of each weight compared with the NumPy reference
@@ -73,8 +72,7 @@ def load_sweep(path: str | Path) -> Sweep:
     if min(m_buckets) < 1:
         raise ValueError(f"m_buckets must be positive, got {list(m_buckets)}")
     candidates = doc.get("candidates", "all")
-    configs = (TILE_CONFIGS + WARPGROUP_CONFIGS + (DENSE,) if candidates == "all"
-               else tuple(parse_config(c) for c in candidates))
+    configs = built_configs() + (DENSE,) if candidates == "all" else tuple(parse_config(c) for c in candidates)
     return Sweep(name=str(doc.get("name", Path(path).stem)), shapes=shapes,
                  bits=tuple(doc["bits"]), group_sizes=tuple(_as_list(doc, "group_sizes")),
                  dtypes=tuple(_as_list(doc, "dtypes")), m_buckets=m_buckets, candidates=configs)
