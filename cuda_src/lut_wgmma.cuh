@@ -8,21 +8,28 @@
 // A fragments from the pair LUT into registers, exactly as lut_gemm does, and the warpgroup
 // issues wgmma with B, the chunk's x, read by the tensor cores straight from shared memory. One
 // copy of x a stage serves all 64 WG rows, and the decode of step s + 1 overlaps the wgmma of
-// step s. K may be split over a cluster of KS CTAs, summed through shared memory (DSMEM). On the
-// H100 it wins a third of the benchmark's cells at M = 32 to 128, most at 128, and lut_gemm the
-// rest (docs/PERF_NOTES.md v32): the tuned table says which.
+// step s. K may be split over a cluster of KS CTAs, summed through shared memory (DSMEM). The
+// tuned table says where it or lut_gemm is faster (docs/PERF_NOTES.md v32, v33).
+//
+// The pipeline (v33). Before each launch, wgmma_x_image writes x as the chunks' shared-memory
+// images (below), so that a chunk's x comes in as one bulk copy, and each tile's codes and scales
+// of a chunk as two more, all counted on the stage's mbarrier. No barrier spans the CTA inside the
+// K loop: a warpgroup waits only for its stage's copies and its own wgmmas, and the last warp to
+// be done with a stage (a count in shared memory) issues the copies of the chunk STAGES on, while
+// the other warpgroups keep the tensor cores busy.
 //
 // Template parameters
 //   BITS, GROUP, T   as lut_gemm
 //   BM      columns of x (rows of M) a CTA: 32, 64 or 128; blockIdx.x steps M by BM
 //   WG      warpgroups a CTA, each 64 weight rows (4 tiles of 16): blockIdx.y steps N by 64 WG
-//   STAGES  chunks in the cp.async pipeline (codes, scales and x): STAGES - 1 in flight
+//   STAGES  chunks of codes, scales and x in shared memory, all in flight but the one in use
 //   KS      CTAs of a cluster along z splitting K into contiguous ranges of chunks
 //   BATCH   mma steps decoded before their wgmmas go as one group (1, 2, 4, 8)
 //
 // Dynamic shared memory (cuflute.kernels.KernelSpec.shared_bytes computes the same):
 //   [pair LUT, 32 copies][STAGES][x of a chunk][STAGES][4 WG warps][a tile's codes and scales]
-//   and, once the K loop is over, the warps' sums (KS > 1).
+//   [STAGES][mbarrier, 8 bytes][STAGES][warps done with the stage, 4 bytes and 4 of padding]
+//   and, once the K loop is over, the warps' sums from the start (KS > 1).
 //
 // A chunk's x in shared memory, laid out for the wgmma B descriptor (K-major, no swizzle): a
 // core matrix is 8 rows of x (m) by 8 k, 16 bytes a row, 128 bytes in all. Step s of the chunk
@@ -31,13 +38,11 @@
 // s = 2 j + h. So the 4-byte word t of a row of the core matrix of half u of step s is
 // x[m][32 j + 8 t + 4 h + 2 u, +2), and with combo = 4 j + 2 h + u = 2 s + u the core matrices go
 //
-//   byte combo * (BM / 8 * 128 + 16) + (m / 8) * 128 + (m % 8) * 16 + t * 4
+//   byte combo * BM * 16 + m * 16 + t * 4
 //
-// (leading byte offset, the next 8 k: BM / 8 * 128 + 16; stride byte offset, the next 8 rows:
-// 128). A warp copies 32 consecutive words of a row of x, 128 bytes, a word a lane: lane l's word
-// 32 p + l of the row's chunk (p = 0..3) has j = 2 p + l / 16, t = l % 16 / 4 and combo
-// 8 p + 4 (l / 16) + l % 4. The 16 bytes between combos put the eight combos of the warp's words
-// in eight different sets of four banks.
+// (leading byte offset, the next 8 k: BM * 16; stride byte offset, the next 8 rows: 128). With
+// q = 2 h + u that word is x's word 16 j + 4 t + q of the chunk: each 64-byte run of a row of x
+// (32 k) is a 4 x 4 transpose of words away from its four combos' 16-byte rows.
 
 #pragma once
 #include "lut_gemm.cuh"
@@ -102,11 +107,69 @@ __device__ __forceinline__ unsigned long long smem_descriptor(u32 address, u32 l
          (unsigned long long)(stride >> 4) << 32;
 }
 
-// 4 bytes global -> shared through L1 (a row's 16 bytes feed four core matrices, so the next
-// three copies of the warp find them there); zero-filled when !valid.
-__device__ __forceinline__ void copy_async_4(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n"
-               :: "r"(shared_address(dst)), "l"(src), "r"(valid ? 4 : 0));
+// mbarrier (sm_90): a stage's copies complete on its barrier, which counts their bytes.
+__device__ __forceinline__ void mbarrier_init(u32 barrier, u32 arrivals) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(barrier), "r"(arrivals) : "memory");
+}
+// Barrier inits visible to the copy engine (the async proxy) and the cluster.
+__device__ __forceinline__ void fence_mbarrier_init() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+__device__ __forceinline__ void mbarrier_arrive_expect_bytes(u32 barrier, u32 bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" :: "r"(barrier), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbarrier_wait(u32 barrier, u32 parity) {
+  u32 done;
+  do {
+    asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                 : "=r"(done) : "r"(barrier), "r"(parity) : "memory");
+  } while (!done);
+}
+// `bytes` (a multiple of 16) global -> shared by the copy engine, counted on `barrier`.
+__device__ __forceinline__ void copy_bulk(u32 dst, const void* src, u32 bytes, u32 barrier) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+               :: "r"(dst), "l"(src), "r"(bytes), "r"(barrier) : "memory");
+}
+__device__ __forceinline__ u32 shared_add_acq_rel(u32 address, u32 value) {
+  u32 old;
+  asm volatile("atom.acq_rel.cta.shared::cta.add.u32 %0, [%1], %2;\n" : "=r"(old) : "r"(address), "r"(value) : "memory");
+  return old;
+}
+
+// x rewritten as the chunks' shared-memory images (the header's layout), so that a CTA copies a
+// chunk's x as one bulk copy: uint4 [ceil(M / BM)][k_chunks][32 combos][BM rows], zero past M and
+// K. Thread u takes one 64-byte run of x, 32 k of one row (row r = u % BM of its m block, run j of
+// chunk c), and writes the run's rows of combos 4 j to 4 j + 3: word t of combo 4 j + q is word q
+// of the run's t-th 16 bytes. x's rows are 16-byte aligned and K is a multiple of 8
+// (cuflute.interop, the packer), so 16 bytes of x are all inside [0, K) or all past it.
+constexpr int kXImageThreads = 256;  // cuflute.kernels.XImageSpec.THREADS
+
+template <int BM>
+__global__ void __launch_bounds__(kXImageThreads)
+wgmma_x_image(const u32* __restrict__ x, long long x_row_stride, uint4* __restrict__ image, int M, int K,
+              int k_chunks) {
+  launch_dependent_grids();  // lut_wgmma's LUT fill overlaps this grid; it waits for the image
+  wait_for_prior_grid();
+  const long long units = (long long)(M + BM - 1) / BM * BM * k_chunks * 8;
+  for (long long u = (long long)blockIdx.x * kXImageThreads + threadIdx.x; u < units;
+       u += (long long)gridDim.x * kXImageThreads) {
+    const int r = u % BM, j = u / BM % 8;
+    const long long block_chunk = u / BM / 8;  // m block * k_chunks + c
+    const int c = block_chunk % k_chunks, m = block_chunk / k_chunks * BM + r;
+    const int k0 = kChunkK * c + 32 * j;
+    uint4 v[4];
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+      const bool valid = m < M && k0 + 8 * t < K;
+      v[t] = valid ? __ldg(reinterpret_cast<const uint4*>(x + m * (x_row_stride / 2) + k0 / 2) + t)
+                   : make_uint4(0, 0, 0, 0);
+    }
+    uint4* dst = image + (block_chunk * 32 + 4 * j) * BM + r;
+    dst[0] = make_uint4(v[0].x, v[1].x, v[2].x, v[3].x);
+    dst[BM] = make_uint4(v[0].y, v[1].y, v[2].y, v[3].y);
+    dst[2 * BM] = make_uint4(v[0].z, v[1].z, v[2].z, v[3].z);
+    dst[3 * BM] = make_uint4(v[0].w, v[1].w, v[2].w, v[3].w);
+  }
 }
 
 template <int BITS, int GROUP, int BM, int WG, int STAGES, int KS> struct WgmmaLayout {
@@ -114,21 +177,34 @@ template <int BITS, int GROUP, int BM, int WG, int STAGES, int KS> struct WgmmaL
   static constexpr int kWarps = 4 * WG;
   using Tile = WarpTile<BITS, GROUP, 1, 1, kXGlobal>;  // a warp's stage: its tile's codes, scales
   static constexpr int kLutBytes = CodeLayout<BITS>::kLutBytes;
-  static constexpr int kComboBytes = BM / 8 * 128 + 16;   // the x of one combo (above)
+  static constexpr int kComboBytes = BM * 16;             // the x of one combo (above)
   static constexpr int kXBytes = 2 * kStepsPerChunk * kComboBytes;
+  // What a stage's copies bring of a tile: its codes, and its scales unless GROUP == 0 (read
+  // once at the end then).
+  static constexpr int kCodeBytes = 32 * 16 * BITS;
+  static constexpr int kTileCopyBytes = kCodeBytes + (GROUP != 0 ? 16 * Tile::kScaleVectors : 0);
   static constexpr int kPipelineBytes = kLutBytes + STAGES * (kXBytes + kWarps * Tile::kStageBytes);
+  // Then a stage's barrier (8 bytes) and its count of warps done with it (4, padded to 8).
+  static constexpr int kBarrierBytes = 16 * STAGES;
   static constexpr int kPartialBytes = KS > 1 ? 32 * kWarps * BM / 2 * 4 : 0;
-  static constexpr int kBytes = kPipelineBytes > kPartialBytes ? kPipelineBytes : kPartialBytes;
+  static constexpr int kBytes = kPipelineBytes + kBarrierBytes > kPartialBytes ? kPipelineBytes + kBarrierBytes
+                                                                               : kPartialBytes;
   static __device__ __forceinline__ unsigned char* x_stage(unsigned char* smem, int i) {
     return smem + kLutBytes + (i % STAGES) * kXBytes;
   }
   static __device__ __forceinline__ unsigned char* warp_stage(unsigned char* smem, int warp, int i) {
     return smem + kLutBytes + STAGES * kXBytes + ((i % STAGES) * kWarps + warp) * Tile::kStageBytes;
   }
+  static __device__ __forceinline__ u32 full_barrier(unsigned char* smem, int i) {
+    return shared_address(smem + kPipelineBytes + 8 * (i % STAGES));
+  }
+  static __device__ __forceinline__ u32* done_count(unsigned char* smem, int i) {
+    return reinterpret_cast<u32*>(smem + kPipelineBytes + 8 * STAGES + 8 * (i % STAGES));
+  }
 };
 
 template <int BITS, int GROUP, typename T, int BM, int WG, int STAGES, int KS, int BATCH>
-__device__ __forceinline__ void lut_wgmma_cta(const T* __restrict__ x, long long x_row_stride,
+__device__ __forceinline__ void lut_wgmma_cta(const uint4* __restrict__ x_image,
                                               const uint4* __restrict__ qweight,
                                               const u32* __restrict__ scales,
                                               const u32* __restrict__ pair_lut, T* __restrict__ y,
@@ -144,9 +220,7 @@ __device__ __forceinline__ void lut_wgmma_cta(const T* __restrict__ x, long long
   constexpr int kMmas = BM / kN;
   constexpr int kBatch = BATCH;          // steps a wgmma group
   static_assert(kStepsPerChunk % kBatch == 0, "BATCH must divide a chunk's 16 steps");
-  // A warp copies rows warp, warp + kWarps, ... of the block's x, each in 4 pieces of 64 k.
-  static_assert(BM % kWarps == 0, "BM must be a multiple of the warps");
-  constexpr int kRowsPerWarp = BM / kWarps;
+  static_assert(kWarps < 32, "a lane of the issuing warp copies each warp's tile, the last x");
   static_assert(KS >= 1 && KS <= 8, "KS must be 1 to 8 (a portable cluster)");
   extern __shared__ __align__(128) unsigned char smem[];
   check_dynamic_shared(Smem::kBytes);
@@ -161,44 +235,52 @@ __device__ __forceinline__ void lut_wgmma_cta(const T* __restrict__ x, long long
   const int chunk0 = KS > 1 ? blockIdx.z * split_chunks : 0;
   const int cta_chunks = KS > 1 ? max(0, min(split_chunks, k_chunks - chunk0)) : k_chunks;
 
-  // Row warp + r kWarps of the block: its words from x_words + r row_words; rows past M are not
-  // read (their copies zero-fill), and their address is row 0's of the warp, clamped into x.
-  const u32* x_words = reinterpret_cast<const u32*>(x + (long long)min(m0 + warp, M - 1) * x_row_stride) + lane;
-  const int rows_left = M - m0 - warp;
-  long long row_words = kWarps * x_row_stride / 2;
-  const int lane_combo = 4 * (lane >> 4) + (lane & 3);
-  const u32 lane_x_offset = lane_combo * Smem::kComboBytes + 4 * ((lane >> 2) & 3);
+  // Chunk i's copies, issued by one whole warp into stage i: lane w < kWarps the codes and scales
+  // of warp w's tile (none past the last tile: those warps' rows are past N, and a row of A
+  // reaches only its own row of the product), lane 31 the chunk's x image.
+  const int valid_tiles = max(0, min(kWarps, n_tiles - (int)blockIdx.y * kWarps));
   auto issue = [&](int i) {
-    if (i < cta_chunks) {
-      const int c = chunk0 + i;
-      copy_chunk_async<BITS, GROUP, 1>(Smem::warp_stage(smem, warp, i), qweight, scales, tile, c,
-                                       n_tiles, k_chunks, n_groups, lane);
-      unsigned char* xs = Smem::x_stage(smem, i) + lane_x_offset;
-      // The stride made opaque a chunk: else ptxas keeps every row's address in registers.
-      asm volatile("" : "+l"(row_words));
-#pragma unroll
-      for (int r = 0; r < kRowsPerWarp; ++r) {
-        const int m = warp + r * kWarps;
-        const bool valid_row = r * kWarps < rows_left;
-        const u32* src = valid_row ? x_words + r * row_words : x_words;
-#pragma unroll
-        for (int piece = 0; piece < 4; ++piece) {
-          const int word = 128 * c + 32 * piece;  // from src: + lane
-          copy_async_4(xs + 8 * piece * Smem::kComboBytes + (m >> 3) * 128 + (m & 7) * 16, src + word,
-                       valid_row && 2 * (word + lane) < K);
-        }
-      }
+    const int c = chunk0 + i;
+    const u32 full = Smem::full_barrier(smem, i);
+    if (lane == 0) mbarrier_arrive_expect_bytes(full, Smem::kXBytes + valid_tiles * Smem::kTileCopyBytes);
+    __syncwarp();
+    if (lane < valid_tiles) {
+      const long long t = (long long)blockIdx.y * kWarps + lane;
+      const u32 dst = shared_address(Smem::warp_stage(smem, lane, i));
+      copy_bulk(dst, qweight + (t * k_chunks + c) * BITS * 32, Smem::kCodeBytes, full);
+      if constexpr (GROUP != 0)
+        copy_bulk(dst + Smem::kCodeBytes, scales + (t * n_groups + c * Tile::kGroupsPerChunk) * 8,
+                  Smem::kTileCopyBytes - Smem::kCodeBytes, full);
+    } else if (lane == 31) {
+      copy_bulk(shared_address(Smem::x_stage(smem, i)), x_image + ((long long)blockIdx.x * k_chunks + c) * 32 * BM,
+                Smem::kXBytes, full);
     }
-    copy_async_commit();
+  };
+  // Warp done with chunk i (its wgmmas on it complete, its reads of the stage's codes long done):
+  // the last of the CTA's warps to be done issues chunk i + STAGES into the stage.
+  auto release = [&](int i) {
+    __syncwarp();
+    u32 last = 0;
+    if (lane == 0) last = shared_add_acq_rel(shared_address(Smem::done_count(smem, i)), 1) % kWarps == kWarps - 1;
+    last = __shfl_sync(0xFFFFFFFFu, last, 0);
+    if (last && i + STAGES < cta_chunks) {
+      fence_proxy_async();  // the other warps' reads of the stage before the copy engine's writes
+      issue(i + STAGES);
+    }
   };
 
-  // The LUT before the wait for the grid ahead (no grid ahead writes a weight: lut_gemm.cuh's
-  // launch_dependent_grids), the first chunks' codes and x after it.
+  if (threadIdx.x < STAGES) {
+    mbarrier_init(Smem::full_barrier(smem, threadIdx.x), 1);
+    *Smem::done_count(smem, threadIdx.x) = 0;
+    fence_mbarrier_init();
+  }
+  // The LUT before the wait for the grid ahead (wgmma_x_image, whose image the copies read).
   launch_dependent_grids();
   fill_lut<BITS, 32, 0, kThreads>(smem, pair_lut, threadIdx.x);
   wait_for_prior_grid();
-#pragma unroll
-  for (int i = 0; i < STAGES - 1; ++i) issue(i);
+  __syncthreads();
+  if (warp == 0)
+    for (int i = 0; i < STAGES && i < cta_chunks; ++i) issue(i);
 
   float acc[kMmas][kN / 2];
 #pragma unroll
@@ -208,12 +290,7 @@ __device__ __forceinline__ void lut_wgmma_cta(const T* __restrict__ x, long long
 
   const char* lut = reinterpret_cast<const char*>(smem);
   for (int i = 0; i < cta_chunks; ++i) {
-    copy_async_wait<STAGES - 2>();
-    fence_proxy_async();
-    // Every thread's pieces of chunk i are in, and every warpgroup is done with chunk i - 1
-    // (its wgmmas waited for), whose stage the next issue overwrites.
-    __syncthreads();
-    issue(i + STAGES - 1);
+    mbarrier_wait(Smem::full_barrier(smem, i), (i / STAGES) & 1);
     const unsigned char* stage = Smem::warp_stage(smem, warp, i);
     const u32 x_base = shared_address(Smem::x_stage(smem, i));
     u32 w[Layout::kWords];
@@ -251,12 +328,13 @@ __device__ __forceinline__ void lut_wgmma_cta(const T* __restrict__ x, long long
       wgmma_commit();
       wgmma_wait<1>();
     }
+    // Each warpgroup drains its own wgmmas at the end of a chunk (ptxas serializes a pipeline
+    // that runs on across the loop's back edge), while the others keep the tensor cores busy.
     wgmma_wait<0>();
 #pragma unroll
     for (int q = 0; q < kMmas; ++q) fence_registers(acc[q]);
+    release(i);
   }
-  copy_async_wait<0>();
-
   // Accumulator r of wgmma q: row 16 (warp % 4) + gid + 8 ((r / 2) % 2) of the warpgroup's 64,
   // column q kN + 8 (r / 4) + 2 tig + r % 2.
   float row_scale[2] = {1.f, 1.f};
@@ -305,11 +383,10 @@ __device__ __forceinline__ void lut_wgmma_cta(const T* __restrict__ x, long long
 
 template <int BITS, int GROUP, typename T, int BM, int WG, int STAGES, int KS, int BATCH>
 __global__ void CUFLUTE_CLUSTER_ALONG_Z(KS) __launch_bounds__(128 * WG, 1)
-lut_wgmma(const T* __restrict__ x, long long x_row_stride, const uint4* __restrict__ qweight,
-          const u32* __restrict__ scales, const u32* __restrict__ pair_lut, T* __restrict__ y,
-          int M, int N, int K, int k_chunks, int n_groups) {
-  lut_wgmma_cta<BITS, GROUP, T, BM, WG, STAGES, KS, BATCH>(x, x_row_stride, qweight, scales, pair_lut, y,
-                                                           M, N, K, k_chunks, n_groups);
+lut_wgmma(const uint4* __restrict__ x_image, const uint4* __restrict__ qweight, const u32* __restrict__ scales,
+          const u32* __restrict__ pair_lut, T* __restrict__ y, int M, int N, int K, int k_chunks, int n_groups) {
+  lut_wgmma_cta<BITS, GROUP, T, BM, WG, STAGES, KS, BATCH>(x_image, qweight, scales, pair_lut, y, M, N, K,
+                                                           k_chunks, n_groups);
 }
 
 }  // namespace cuflute

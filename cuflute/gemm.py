@@ -1,5 +1,6 @@
 """``qgemm``: the launch path. No host synchronization, no copies and no allocation through
-CuPy's pool beyond the output (pass ``out=`` to avoid even that), so it can be graph-captured."""
+CuPy's or torch's pool beyond the output (pass ``out=`` to avoid even that) and, for a warpgroup
+config, x's image, so it can be graph-captured."""
 from __future__ import annotations
 
 import ctypes
@@ -12,7 +13,7 @@ from functools import lru_cache
 from . import dense_cache, interop
 from .dispatch import DENSE, DENSE_CACHED, parse_config, select_config
 from .kernels import (CLUSTER_MIN_ARCH, WARPGROUP_ARCH, DequantSpec, KernelSpec, TileConfig,
-                      WarpgroupConfig, builds_for, device_arch, get_kernel)
+                      WarpgroupConfig, XImageSpec, builds_for, device_arch, get_kernel)
 from .packing import TILE_N, PackedWeight
 
 _MAX_GRID_Y = 65535
@@ -86,10 +87,23 @@ def qgemm(x, packed: PackedWeight, out=None, config: TileConfig | str | None = N
     if plan.dense:
         _dense_gemm(mat, packed, plan, out, stream)
         return out
+    x_args = (mat.ptr, mat.row_stride)
+    if plan.x_image is not None:
+        x_args = (_write_x_image(mat, packed, plan, stream),)
     launch(plan.function, plan.grid, plan.threads, plan.shared_bytes, stream,
-           mat.device, (mat.ptr, mat.row_stride, *plan.weights, out_ptr, *plan.sizes),
-           plan.programmatic)
+           mat.device, (*x_args, *plan.weights, out_ptr, *plan.sizes), plan.programmatic)
     return out
+
+
+def _write_x_image(mat: interop.DeviceMatrix, packed: PackedWeight, plan: "LaunchPlan", stream: int) -> int:
+    """A warpgroup config's x, as the shared-memory images of its chunks, in a new array (freed
+    in stream order once the call is done with it); returns its address."""
+    function, spec = plan.x_image
+    image = interop.empty(mat, (spec.image_elements(mat.m, packed.k_chunks),))
+    image_ptr = interop.address(mat, image)
+    launch(function, spec.grid(mat.m, packed.k_chunks), spec.threads, 0, stream, mat.device,
+           (mat.ptr, mat.row_stride, image_ptr, mat.m, packed.k, packed.k_chunks), plan.programmatic)
+    return image_ptr
 
 
 # The dense path dequantizes and multiplies W' in slabs of whole tiles of at most this many
@@ -172,6 +186,8 @@ class LaunchPlan:
     # first time), else the plan of the pick without the cache, fallback
     held: bool = False
     fallback: "LaunchPlan | None" = None
+    # a warpgroup config: the kernel that writes x's image, which function then reads, and its spec
+    x_image: "tuple[object, XImageSpec] | None" = None
 
 
 # (id(packed), M, config, dense cache on) -> (weak reference to packed, LaunchPlan). A
@@ -239,8 +255,12 @@ def _new_plan(packed: PackedWeight, m: int, config: TileConfig | str | None,
         ctas_per_sm = -(-grid[0] * grid[1] * grid[2] // props["multiProcessorCount"])
         if _ctas_that_fit(function, spec, device) > ctas_per_sm:
             shared_bytes = max(shared_bytes, spread_shared_bytes(ctas_per_sm, props))
+    x_image = None
+    if isinstance(tile, WarpgroupConfig):
+        image_spec = XImageSpec(tile.bm)
+        x_image = (get_kernel(image_spec, device), image_spec)
     return LaunchPlan(function, grid, tile.threads, shared_bytes, weights, sizes, dense=False,
-                      programmatic=programmatic)
+                      programmatic=programmatic, x_image=x_image)
 
 
 def _ctas_that_fit(function, spec: KernelSpec, device: int) -> int:

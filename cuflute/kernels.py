@@ -130,7 +130,8 @@ class TileConfig:
 @dataclass(frozen=True, order=True)
 class WarpgroupConfig:
     """A CTA of cuda_src/lut_wgmma.cuh, sm_90a's warpgroup kernel: WG warpgroups of 64 weight
-    rows each, BM rows of x, a STAGES-deep cp.async pipeline of codes, scales and x, KS CTAs of a
+    rows each, BM rows of x, STAGES chunks of codes, scales and x in shared memory (each brought
+    by bulk copies, x from the image that XImageSpec's kernel writes first), KS CTAs of a
     thread-block cluster splitting K, BATCH mma steps decoded before their wgmmas go as one
     group. Every warp scales its A operand, as TileConfig.scales_a_operand."""
 
@@ -359,9 +360,10 @@ class KernelSpec:
         groups_per_chunk = 1 if self.group == 0 else CHUNK_K // self.group
         warp_codes = 32 * 16 * self.bits + 32 * groups_per_chunk  # a 16-row tile's codes, scales
         if isinstance(t, WarpgroupConfig):
-            x_bytes = CHUNK_K // 8 * (t.bm // 8 * 128 + 16)
+            x_bytes = CHUNK_K * t.bm * 2
             pipeline = lut_bytes(self.bits, LUT_COPIES) + t.stages * (x_bytes + t.warps * warp_codes)
-            return max(pipeline, t.threads * t.bm // 2 * 4 if t.ks > 1 else 0)
+            barriers = 16 * t.stages  # a stage's mbarrier and its count of warps done with it
+            return max(pipeline + barriers, t.threads * t.bm // 2 * 4 if t.ks > 1 else 0)
         lut = lut_bytes(self.bits, t.lut_copies, t.wide_lut)
         x_bytes = 32 * 16 * t.mt * CHUNK_K // 32  # a chunk's x: 8 16-byte pieces a lane an m tile
         warp_stage = t.nt * warp_codes
@@ -413,6 +415,30 @@ class DequantSpec:
         return f"cuflute::lut_dequant<{self.bits}, {self.group}, {_CXX_TYPE[self.dtype]}>"
 
 
+@dataclass(frozen=True)
+class XImageSpec:
+    """cuda_src/lut_wgmma.cuh's wgmma_x_image for a warpgroup config's BM: x rewritten, before
+    each lut_wgmma launch, as the shared-memory images of its chunks (the layout is that file's)."""
+
+    bm: int
+
+    THREADS = 256  # kXImageThreads
+    shared_bytes = 0
+    threads = THREADS
+
+    def image_elements(self, m: int, k_chunks: int) -> int:
+        """The image's 2-byte elements: BM-row blocks of x, each chunk 256 k (zero past M and K)."""
+        return -(-m // self.bm) * self.bm * k_chunks * CHUNK_K
+
+    def grid(self, m: int, k_chunks: int) -> tuple[int, int, int]:
+        """One thread a 64-byte run of x (32 k of a row)."""
+        return (-(-self.image_elements(m, k_chunks) // 32 // self.THREADS), 1, 1)
+
+    @property
+    def name_expression(self) -> str:
+        return f"cuflute::wgmma_x_image<{self.bm}>"
+
+
 def all_specs() -> list[KernelSpec]:
     return [KernelSpec(b, g, d, t)
             for b, g, d, t in itertools.product(SUPPORTED_BITS, KERNEL_GROUPS, DTYPES, built_configs())
@@ -421,6 +447,11 @@ def all_specs() -> list[KernelSpec]:
 
 def dequant_specs() -> list[DequantSpec]:
     return [DequantSpec(b, g, d) for b, g, d in itertools.product(SUPPORTED_BITS, KERNEL_GROUPS, DTYPES)]
+
+
+def x_image_specs() -> list[XImageSpec]:
+    return sorted({XImageSpec(t.bm) for t in built_configs() if isinstance(t, WarpgroupConfig)},
+                  key=lambda spec: spec.bm)
 
 
 # Thread-block clusters, hence tile configs with ks > 1, exist from sm_90 on.
@@ -442,9 +473,11 @@ MAX_SHARED_BYTES = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024
 
 def builds_for(spec, arch: int) -> bool:
     """Whether ``spec`` is a kernel of sm_``arch``: not a tile config that splits K over clusters
-    before sm_90, nor a warpgroup config but on sm_90, nor, on a target of TARGET_ARCHS, one that
+    before sm_90, nor a warpgroup config (or its x image) but on sm_90, nor, on a target of TARGET_ARCHS, one that
     needs more shared memory than a CTA there can have (it could never launch, so it is neither
     compiled nor checked for spills; elsewhere cuflute.gemm checks the device's own limit)."""
+    if isinstance(spec, XImageSpec):
+        return arch == WARPGROUP_ARCH  # lut_wgmma's alone
     if not isinstance(spec, KernelSpec):
         return True
     if isinstance(spec.tile, WarpgroupConfig) and arch != WARPGROUP_ARCH:
@@ -460,11 +493,11 @@ def arch_option(arch: int) -> str:
 
 
 def every_spec(arch: int | None = None) -> list:
-    """Every specialization of both kernel families: the LUT GEMM's, its dequantization's,
-    then BCQ's; with ``arch``, those of sm_``arch`` (builds_for)."""
+    """Every specialization of both kernel families: the LUT GEMM's, its dequantization's, the
+    warpgroup kernel's x image, then BCQ's; with ``arch``, those of sm_``arch`` (builds_for)."""
     from .bcq.kernels import all_specs as bcq_specs
 
-    specs = all_specs() + dequant_specs() + bcq_specs()
+    specs = all_specs() + dequant_specs() + x_image_specs() + bcq_specs()
     return specs if arch is None else [s for s in specs if builds_for(s, arch)]
 
 

@@ -121,12 +121,12 @@ def _qgemm(x, qweight, scales, pair_lut, n, k, bits, group_size, dtype):
 
 def _native_plan(x, qweight, scales, pair_lut, n, k, bits, group_size, dtype):
     """For the C++ kernel, once per (weight, M): the lut_gemm launch that qgemm would make, or
-    None where qgemm would not make one launch (the dense path)."""
+    None where qgemm would not make one launch (the dense path, a warpgroup config's two)."""
     packed = _packed_view(x, qweight, scales, pair_lut, n, k, bits, group_size, dtype)
     mat = interop.as_device_matrix(x)
     gemm.check_operands(mat, packed)
     plan = gemm.launch_plan(packed, mat.m, None, dense_cache_allowed=False)
-    if plan.dense:
+    if plan.dense or plan.x_image is not None:
         return None
     return (plan.function.ptr, *plan.grid, plan.threads, plan.shared_bytes, *plan.sizes[3:],
             plan.programmatic)

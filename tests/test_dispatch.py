@@ -233,9 +233,9 @@ def test_warpgroup_configs_are_sm90a_kernels():
     assert spec.name_expression == "cuflute::lut_wgmma<3, 0, __nv_bfloat16, 64, 4, 2, 4, 4>"
     assert builds_for(spec, 90) and not any(builds_for(spec, a) for a in (80, 86, 89, 100))
     assert spec in every_spec(90) and spec not in every_spec(80)
-    # the LUT, two stages of x (32 groups of 8 k, 16 bytes apart) and sixteen warps' codes and scales
+    # the LUT, two stages of x (256 k of 128 rows) and sixteen warps' codes and scales, two barriers
     big = KernelSpec(4, 128, "float16", WarpgroupConfig(bm=128, batch=2))
-    assert big.shared_bytes == 32768 + 2 * (32 * (128 * 16 + 16) + 16 * (2048 + 64)) == MAX_SHARED_BYTES[90]
+    assert big.shared_bytes == 32768 + 2 * (256 * 128 * 2 + 16 * (2048 + 64)) + 2 * 16 <= MAX_SHARED_BYTES[90]
     assert not builds_for(KernelSpec(4, 64, "float16", WarpgroupConfig(bm=128, batch=2)), 90)  # more scales
     assert arch_option(90) == "-arch=sm_90a" and arch_option(80) == "-arch=sm_80"
     for bad, message in (({"bm": 16}, "bm must be"), ({"bm": 32, "wg": 8}, "wg must be"),

@@ -12,8 +12,8 @@ import pytest
 import cuflute
 from cuflute import dtypes, gemm, reference
 from cuflute.dispatch import DENSE
-from cuflute.kernels import (CLUSTER_MIN_ARCH, TILE_CONFIGS, WARPGROUP_CONFIGS, KernelSpec, WarpgroupConfig,
-                             builds_for, device_arch, instantiated)
+from cuflute.kernels import (CLUSTER_MIN_ARCH, TILE_CONFIGS, WARPGROUP_ARCH, WARPGROUP_CONFIGS, KernelSpec,
+                             WarpgroupConfig, builds_for, device_arch, instantiated)
 
 pytestmark = pytest.mark.gpu
 torch = pytest.importorskip("torch") if cuflute.gpu_available() else None
@@ -244,17 +244,20 @@ CLUSTER_CONFIG = next((c for c in TILE_CONFIGS if c.needs_clusters and c.takes(1
 
 
 @pytest.mark.parametrize("m", [1, 16])
-@pytest.mark.parametrize("cluster", [False, True], ids=["tuned", "cluster"])
-def test_back_to_back_launches_wait_for_the_one_before(m, cluster):
+@pytest.mark.parametrize("kind", ["tuned", "cluster", "warpgroup"])
+def test_back_to_back_launches_wait_for_the_one_before(m, kind):
     """On sm_90 lut_gemm goes out as a programmatic dependent launch: it starts while the kernel
     before it runs and must neither read x nor write y before that one is done. Two calls back
     to back, the second reading what the first writes and writing what it read, eager and
-    replayed from a CUDA graph, on a weight of 512 CTAs at M = 1; with the tuned config and
-    with a cluster config (whose CTAs also read each other's shared memory)."""
+    replayed from a CUDA graph, on a weight of 512 CTAs at M = 1; with the tuned config, with a
+    cluster config (whose CTAs also read each other's shared memory) and with a warpgroup config
+    (two launches a call: x's image, then lut_wgmma)."""
     major = gemm.device_properties(0)["major"]
-    if cluster and (not _has_clusters() or CLUSTER_CONFIG is None):
+    if kind == "cluster" and (not _has_clusters() or CLUSTER_CONFIG is None):
         pytest.skip("thread-block clusters need compute capability 9.0 and a cluster config")
-    config = CLUSTER_CONFIG if cluster else None
+    if kind == "warpgroup" and device_arch(gemm.device_properties(0)) != WARPGROUP_ARCH:
+        pytest.skip("the warpgroup kernel runs on compute capability 9.0 alone")
+    config = {"tuned": None, "cluster": CLUSTER_CONFIG, "warpgroup": WarpgroupConfig(bm=64)}[kind]
     packed, w64 = _weight(4096, 4096, 4, 128, "float16")
     assert gemm.launch_plan(packed, m, config).programmatic == (
         major >= 9 and gemm.PROGRAMMATIC_LAUNCH)
