@@ -8,10 +8,11 @@
 //
 //   planner(x, qweight, scales, pair_lut, n, k, bits, group_size, dtype)
 //       -> (CUfunction address, grid x, y, z, threads, shared bytes, k_chunks, n_groups,
-//           programmatic), or None where one lut_gemm launch does not do it (the dense path);
+//           programmatic), or None where one lut_gemm launch does not do it (the dense path,
+//           a warpgroup config's x image and lut_wgmma);
 //           programmatic: launch it as a programmatic dependent launch (cuflute/gemm.py)
 //   fallback(same arguments) -> the output: the Python kernel, for everything else (errors,
-//       x that is not a contiguous 16-byte-aligned [.., K] tensor, M = 0, the dense path)
+//       x that is not a contiguous 16-byte-aligned [.., K] tensor, M = 0, the planner's None)
 //
 // A plan depends only on the key's addresses, sizes, dtype, M and device: memory freed and
 // reused at the same addresses with the same sizes holds a weight of the same layout (the

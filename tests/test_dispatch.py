@@ -5,7 +5,7 @@ import pytest
 from cuflute import dispatch
 from cuflute.dispatch import DENSE, DENSE_MIN_M, gpu_slug, heuristic_config, parse_config, select_config
 from cuflute.kernels import (MAX_K_SPLITS, MAX_SHARED_BYTES, TARGET_ARCHS, TILE_CONFIGS, WARPGROUP_CONFIGS,
-                             X_ROW, X_SHARED, X_WARP, KernelSpec, TileConfig, WarpgroupConfig, all_specs,
+                             X_ROW, X_SHARED, X_WARP, KernelSpec, TileConfig, WarpgroupConfig, XImageSpec, all_specs,
                              arch_option, builds_for, every_spec, instantiated, parse_tile_config,
                              tile_config_from_name)
 
@@ -237,6 +237,13 @@ def test_warpgroup_configs_are_sm90a_kernels():
     big = KernelSpec(4, 128, "float16", WarpgroupConfig(bm=128, batch=2))
     assert big.shared_bytes == 32768 + 2 * (256 * 128 * 2 + 16 * (2048 + 64)) + 2 * 16 <= MAX_SHARED_BYTES[90]
     assert not builds_for(KernelSpec(4, 64, "float16", WarpgroupConfig(bm=128, batch=2)), 90)  # more scales
+    # x's image for a BM: whole blocks of BM rows by whole chunks, one thread a 64-byte run, sm_90 alone
+    image = XImageSpec(64)
+    assert image.image_elements(65, 3) == 128 * 3 * 256 and image.grid(65, 3) == (128 * 3 * 256 // 32 // 256, 1, 1)
+    assert image.name_expression == "cuflute::wgmma_x_image<64>" and image.shared_bytes == 0
+    assert builds_for(image, 90) and not builds_for(image, 80)
+    assert [s.bm for s in every_spec(90) if isinstance(s, XImageSpec)] == [32, 64, 128]
+    assert not any(isinstance(s, XImageSpec) for a in (80, 86, 89) for s in every_spec(a))
     assert arch_option(90) == "-arch=sm_90a" and arch_option(80) == "-arch=sm_80"
     for bad, message in (({"bm": 16}, "bm must be"), ({"bm": 32, "wg": 8}, "wg must be"),
                          ({"bm": 64, "batch": 3}, "batch 1, 2, 4 or 8"), ({"bm": 64, "ks": 9}, "ks")):
