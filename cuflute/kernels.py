@@ -473,9 +473,10 @@ MAX_SHARED_BYTES = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024
 
 def builds_for(spec, arch: int) -> bool:
     """Whether ``spec`` is a kernel of sm_``arch``: not a tile config that splits K over clusters
-    before sm_90, nor a warpgroup config (or its x image) but on sm_90, nor, on a target of TARGET_ARCHS, one that
-    needs more shared memory than a CTA there can have (it could never launch, so it is neither
-    compiled nor checked for spills; elsewhere cuflute.gemm checks the device's own limit)."""
+    before sm_90, nor a warpgroup config (or its x image) but on sm_90, nor, on a target of
+    TARGET_ARCHS, one that needs more shared memory than a CTA there can have (it could never
+    launch, so it is neither compiled nor checked for spills; elsewhere cuflute.gemm checks the
+    device's own limit)."""
     if isinstance(spec, XImageSpec):
         return arch == WARPGROUP_ARCH  # lut_wgmma's alone
     if not isinstance(spec, KernelSpec):
