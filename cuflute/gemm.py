@@ -89,21 +89,24 @@ def qgemm(x, packed: PackedWeight, out=None, config: TileConfig | str | None = N
         return out
     x_args = (mat.ptr, mat.row_stride)
     if plan.x_image is not None:
-        x_args = (_write_x_image(mat, packed, plan, stream),)
+        # held until lut_wgmma, which reads it, is on the stream: freed before that, its memory
+        # could go to another allocation on the stream whose writes land ahead of the read
+        image = _write_x_image(mat, packed, plan, stream)
+        x_args = (interop.address(mat, image),)
     launch(plan.function, plan.grid, plan.threads, plan.shared_bytes, stream,
            mat.device, (*x_args, *plan.weights, out_ptr, *plan.sizes), plan.programmatic)
     return out
 
 
-def _write_x_image(mat: interop.DeviceMatrix, packed: PackedWeight, plan: "LaunchPlan", stream: int) -> int:
-    """A warpgroup config's x, as the shared-memory images of its chunks, in a new array (freed
-    in stream order once the call is done with it); returns its address."""
+def _write_x_image(mat: interop.DeviceMatrix, packed: PackedWeight, plan: "LaunchPlan", stream: int):
+    """A warpgroup config's x, as the shared-memory images of its chunks, in a new array of x's
+    framework (freed in stream order once the caller drops it), written on the stream."""
     function, spec = plan.x_image
     image = interop.empty(mat, (spec.image_elements(mat.m, packed.k_chunks),))
-    image_ptr = interop.address(mat, image)
     launch(function, spec.grid(mat.m, packed.k_chunks), spec.threads, 0, stream, mat.device,
-           (mat.ptr, mat.row_stride, image_ptr, mat.m, packed.k, packed.k_chunks), plan.programmatic)
-    return image_ptr
+           (mat.ptr, mat.row_stride, interop.address(mat, image), mat.m, packed.k, packed.k_chunks),
+           plan.programmatic)
+    return image
 
 
 # The dense path dequantizes and multiplies W' in slabs of whole tiles of at most this many
