@@ -12,11 +12,11 @@
 // tuned table says where it or lut_gemm is faster (docs/PERF_NOTES.md v32, v33).
 //
 // The pipeline (v33). Before each launch, wgmma_x_image writes x as the chunks' shared-memory
-// images (below), so that a chunk's x comes in as one bulk copy, and each tile's codes and scales
-// of a chunk as two more, all counted on the stage's mbarrier. No barrier spans the CTA inside the
-// K loop: a warpgroup waits only for its stage's copies and its own wgmmas, and the last warp to
-// be done with a stage (a count in shared memory) issues the copies of the chunk STAGES on, while
-// the other warpgroups keep the tensor cores busy.
+// images (below), so that a chunk's x comes in as one bulk copy, counted on the stage's mbarrier.
+// Each warp copies its own tile's codes and scales by cp.async, STAGES chunks ahead, as lut_gemm's
+// warps do. No barrier spans the CTA inside the K loop: a warpgroup waits only for its stage's
+// copies and its own wgmmas, and the last warp to be done with a stage (a count in shared memory)
+// issues the x copy of the chunk STAGES on, while the other warpgroups keep the tensor cores busy.
 //
 // Template parameters
 //   BITS, GROUP, T   as lut_gemm
@@ -179,10 +179,6 @@ template <int BITS, int GROUP, int BM, int WG, int STAGES, int KS> struct WgmmaL
   static constexpr int kLutBytes = CodeLayout<BITS>::kLutBytes;
   static constexpr int kComboBytes = BM * 16;             // the x of one combo (above)
   static constexpr int kXBytes = 2 * kStepsPerChunk * kComboBytes;
-  // What a stage's copies bring of a tile: its codes, and its scales unless GROUP == 0 (read
-  // once at the end then).
-  static constexpr int kCodeBytes = 32 * 16 * BITS;
-  static constexpr int kTileCopyBytes = kCodeBytes + (GROUP != 0 ? 16 * Tile::kScaleVectors : 0);
   static constexpr int kPipelineBytes = kLutBytes + STAGES * (kXBytes + kWarps * Tile::kStageBytes);
   // Then a stage's barrier (8 bytes) and its count of warps done with it (4, padded to 8).
   static constexpr int kBarrierBytes = 16 * STAGES;
@@ -220,7 +216,6 @@ __device__ __forceinline__ void lut_wgmma_cta(const uint4* __restrict__ x_image,
   constexpr int kMmas = BM / kN;
   constexpr int kBatch = BATCH;          // steps a wgmma group
   static_assert(kStepsPerChunk % kBatch == 0, "BATCH must divide a chunk's 16 steps");
-  static_assert(kWarps < 32, "a lane of the issuing warp copies each warp's tile, the last x");
   static_assert(KS >= 1 && KS <= 8, "KS must be 1 to 8 (a portable cluster)");
   extern __shared__ __align__(128) unsigned char smem[];
   check_dynamic_shared(Smem::kBytes);
@@ -235,37 +230,28 @@ __device__ __forceinline__ void lut_wgmma_cta(const uint4* __restrict__ x_image,
   const int chunk0 = KS > 1 ? blockIdx.z * split_chunks : 0;
   const int cta_chunks = KS > 1 ? max(0, min(split_chunks, k_chunks - chunk0)) : k_chunks;
 
-  // Chunk i's copies, issued by one whole warp into stage i: lane w < kWarps the codes and scales
-  // of warp w's tile (none past the last tile: those warps' rows are past N, and a row of A
-  // reaches only its own row of the product), lane 31 the chunk's x image.
-  const int valid_tiles = max(0, min(kWarps, n_tiles - (int)blockIdx.y * kWarps));
-  auto issue = [&](int i) {
-    const int c = chunk0 + i;
-    const u32 full = Smem::full_barrier(smem, i);
-    if (lane == 0) mbarrier_arrive_expect_bytes(full, Smem::kXBytes + valid_tiles * Smem::kTileCopyBytes);
-    __syncwarp();
-    if (lane < valid_tiles) {
-      const long long t = (long long)blockIdx.y * kWarps + lane;
-      const u32 dst = shared_address(Smem::warp_stage(smem, lane, i));
-      copy_bulk(dst, qweight + (t * k_chunks + c) * BITS * 32, Smem::kCodeBytes, full);
-      if constexpr (GROUP != 0)
-        copy_bulk(dst + Smem::kCodeBytes, scales + (t * n_groups + c * Tile::kGroupsPerChunk) * 8,
-                  Smem::kTileCopyBytes - Smem::kCodeBytes, full);
-    } else if (lane == 31) {
-      copy_bulk(shared_address(Smem::x_stage(smem, i)), x_image + ((long long)blockIdx.x * k_chunks + c) * 32 * BM,
-                Smem::kXBytes, full);
-    }
+  // Each warp copies its own tile's codes and scales, cp.async, STAGES chunks ahead (zero past the
+  // last tile), as lut_gemm's warps do; its commit groups count chunks.
+  auto copy_codes = [&](int i) {
+    if (i < cta_chunks)
+      copy_chunk_async<BITS, GROUP, 1>(Smem::warp_stage(smem, warp, i), qweight, scales, tile, chunk0 + i,
+                                       n_tiles, k_chunks, n_groups, lane);
+    copy_async_commit();
   };
-  // Warp done with chunk i (its wgmmas on it complete, its reads of the stage's codes long done):
-  // the last of the CTA's warps to be done issues chunk i + STAGES into the stage.
-  auto release = [&](int i) {
+  // A chunk's x, one bulk copy counted on the stage's barrier, goes once every warp is done with
+  // the stage: the last of them to be done (its wgmmas on it complete) issues the next.
+  auto copy_x = [&](int i) {
+    const u32 full = Smem::full_barrier(smem, i);
+    mbarrier_arrive_expect_bytes(full, Smem::kXBytes);
+    copy_bulk(shared_address(Smem::x_stage(smem, i)), x_image + ((long long)blockIdx.x * k_chunks + chunk0 + i) * 32 * BM,
+              Smem::kXBytes, full);
+  };
+  auto release_x = [&](int i) {
     __syncwarp();
-    u32 last = 0;
-    if (lane == 0) last = shared_add_acq_rel(shared_address(Smem::done_count(smem, i)), 1) % kWarps == kWarps - 1;
-    last = __shfl_sync(0xFFFFFFFFu, last, 0);
-    if (last && i + STAGES < cta_chunks) {
-      fence_proxy_async();  // the other warps' reads of the stage before the copy engine's writes
-      issue(i + STAGES);
+    if (lane == 0 && shared_add_acq_rel(shared_address(Smem::done_count(smem, i)), 1) % kWarps == kWarps - 1 &&
+        i + STAGES < cta_chunks) {
+      fence_proxy_async();  // the other warpgroups' reads of the stage before the copy engine's writes
+      copy_x(i + STAGES);
     }
   };
 
@@ -274,13 +260,16 @@ __device__ __forceinline__ void lut_wgmma_cta(const uint4* __restrict__ x_image,
     *Smem::done_count(smem, threadIdx.x) = 0;
     fence_mbarrier_init();
   }
-  // The LUT before the wait for the grid ahead (wgmma_x_image, whose image the copies read).
+  // The LUT and the first chunks' codes before the wait for the grid ahead (wgmma_x_image, whose
+  // image the x copies read).
   launch_dependent_grids();
+#pragma unroll
+  for (int i = 0; i < STAGES; ++i) copy_codes(i);
   fill_lut<BITS, 32, 0, kThreads>(smem, pair_lut, threadIdx.x);
   wait_for_prior_grid();
   __syncthreads();
-  if (warp == 0)
-    for (int i = 0; i < STAGES && i < cta_chunks; ++i) issue(i);
+  if (threadIdx.x == 0)
+    for (int i = 0; i < STAGES && i < cta_chunks; ++i) copy_x(i);
 
   float acc[kMmas][kN / 2];
 #pragma unroll
@@ -290,6 +279,8 @@ __device__ __forceinline__ void lut_wgmma_cta(const uint4* __restrict__ x_image,
 
   const char* lut = reinterpret_cast<const char*>(smem);
   for (int i = 0; i < cta_chunks; ++i) {
+    copy_async_wait<STAGES - 1>();
+    __syncwarp();  // the lanes' copies of the stage's scales, read by every lane
     mbarrier_wait(Smem::full_barrier(smem, i), (i / STAGES) & 1);
     const unsigned char* stage = Smem::warp_stage(smem, warp, i);
     const u32 x_base = shared_address(Smem::x_stage(smem, i));
@@ -333,8 +324,10 @@ __device__ __forceinline__ void lut_wgmma_cta(const uint4* __restrict__ x_image,
     wgmma_wait<0>();
 #pragma unroll
     for (int q = 0; q < kMmas; ++q) fence_registers(acc[q]);
-    release(i);
+    copy_codes(i + STAGES);
+    release_x(i);
   }
+  copy_async_wait<0>();  // only empty groups are left, but none may land on reused memory
   // Accumulator r of wgmma q: row 16 (warp % 4) + gid + 8 ((r / 2) % 2) of the warpgroup's 64,
   // column q kN + 8 (r / 4) + 2 tig + r % 2.
   float row_scale[2] = {1.f, 1.f};
@@ -366,13 +359,23 @@ __device__ __forceinline__ void lut_wgmma_cta(const uint4* __restrict__ x_image,
       for (int r = 0; r < kN / 2; ++r)
         partial[(q * kN / 2 + r) * kThreads + threadIdx.x] = acc[q][r] * row_scale[(r >> 1) & 1];
     cluster_sync();
-    // CTA z of the cluster adds and stores accumulators z, z + KS, ... of every thread.
-    for (int j = blockIdx.z; j < BM / 2; j += KS) {
-      float sum = 0.f;
+    // CTA z of the cluster adds and stores accumulators z, z + KS, ... of every thread, all its
+    // loads from the cluster's CTAs issued before the first sum waits on one.
+    static_assert(BM / 2 % KS == 0, "the cluster's CTAs take equal shares of the accumulators");
+    constexpr int kShare = BM / 2 / KS;
+    float sum[kShare];
 #pragma unroll
-      for (int z = 0; z < KS; ++z) sum += load_cluster_shared(shared_address(partial + j * kThreads + threadIdx.x), z);
+    for (int jj = 0; jj < kShare; ++jj) {
+      const u32 address = shared_address(partial + (blockIdx.z + jj * KS) * kThreads + threadIdx.x);
+      sum[jj] = 0.f;
+#pragma unroll
+      for (int z = 0; z < KS; ++z) sum[jj] += load_cluster_shared(address, z);
+    }
+#pragma unroll
+    for (int jj = 0; jj < kShare; ++jj) {
+      const int j = blockIdx.z + jj * KS;
       const int2 nm = coord(threadIdx.x, j / (kN / 2), j % (kN / 2));
-      if (nm.x < N && nm.y < M) y[(long long)nm.y * N + nm.x] = Traits::from_float(sum);
+      if (nm.x < N && nm.y < M) y[(long long)nm.y * N + nm.x] = Traits::from_float(sum[jj]);
     }
     cluster_sync();  // no CTA leaves while the others read its sums
   }
