@@ -807,23 +807,40 @@ __device__ __forceinline__ void lut_gemm_cta(const T* __restrict__ x, long long 
     if constexpr (KS > 1) cluster_sync(); else __syncthreads();
     // Warp column c's sums are those of warps c, c + WN, ..., c + (WK - 1) WN, in each of the
     // cluster's KS CTAs; CTA z adds and stores every KS-th of them, from the z-th.
-    const int rank = KS > 1 ? blockIdx.z : 0;
-    for (int i = threadIdx.x + rank * 32 * kWarps; i < WN * kAccPerWarp; i += KS * 32 * kWarps) {
+    constexpr int kSums = WN * kAccPerWarp, kStride = KS * 32 * kWarps;
+    auto store_sum = [&](int i, float sum) {  // i = column kAccPerWarp + j
       const int column = i / kAccPerWarp, j = i % kAccPerWarp;
-      float sum = 0.f;
-#pragma unroll
-      for (int wi = 0; wi < WK; ++wi) {
-        const float* partial = partial_sh + (wi * WN + column) * kAccPerWarp + j;
-        if constexpr (KS == 1) {
-          sum += *partial;
-        } else {
-#pragma unroll
-          for (int z = 0; z < KS; ++z) sum += load_cluster_shared(shared_address(partial), z);
-        }
-      }
       const int r = (j >> 5) & 3, mt = (j >> 7) % MT, nt = (j >> 7) / MT;
       const int2 nm = output_coord((blockIdx.y * WN + column) * NT, m0, nt, mt, r, j & 31);
       if (nm.x < N && nm.y < M) store(nm.x, nm.y, sum);
+    };
+    if constexpr (KS == 1) {
+      for (int i = threadIdx.x; i < kSums; i += kStride) {
+        float sum = 0.f;
+#pragma unroll
+        for (int wi = 0; wi < WK; ++wi) sum += partial_sh[wi * WN * kAccPerWarp + i];
+        store_sum(i, sum);
+      }
+    } else {
+      // A thread's share is compile-time, so all its DSMEM loads go before the first add waits
+      // on one: a runtime loop waited out a round trip each pass.
+      constexpr int kShare = (kSums + kStride - 1) / kStride;
+      const int first = threadIdx.x + blockIdx.z * 32 * kWarps;
+      float sum[kShare];
+#pragma unroll
+      for (int s = 0; s < kShare; ++s) {
+        const int i = first + s * kStride;
+        sum[s] = 0.f;
+        if (kSums % kStride != 0 && i >= kSums) continue;
+#pragma unroll
+        for (int wi = 0; wi < WK; ++wi)
+#pragma unroll
+          for (int z = 0; z < KS; ++z)
+            sum[s] += load_cluster_shared(shared_address(partial_sh + wi * WN * kAccPerWarp + i), z);
+      }
+#pragma unroll
+      for (int s = 0; s < kShare; ++s)
+        if (kSums % kStride == 0 || first + s * kStride < kSums) store_sum(first + s * kStride, sum[s]);
     }
     if constexpr (KS > 1) cluster_sync();  // no CTA leaves while the others read its sums
   }
