@@ -360,14 +360,16 @@ __device__ __forceinline__ void lut_wgmma_cta(const uint4* __restrict__ x_image,
         partial[(q * kN / 2 + r) * kThreads + threadIdx.x] = acc[q][r] * row_scale[(r >> 1) & 1];
     cluster_sync();
     // CTA z of the cluster adds and stores accumulators z, z + KS, ... of every thread, all its
-    // loads from the cluster's CTAs issued before the first sum waits on one.
-    static_assert(BM / 2 % KS == 0, "the cluster's CTAs take equal shares of the accumulators");
-    constexpr int kShare = BM / 2 / KS;
+    // loads from the cluster's CTAs issued before the first sum waits on one. With KS = 3 the
+    // shares differ by one: a CTA's last may be past the thread's BM / 2.
+    constexpr int kAcc = BM / 2, kShare = (kAcc + KS - 1) / KS;
+    auto mine = [&](int jj) { return kAcc % KS == 0 || (int)blockIdx.z + jj * KS < kAcc; };
     float sum[kShare];
 #pragma unroll
     for (int jj = 0; jj < kShare; ++jj) {
       const u32 address = shared_address(partial + (blockIdx.z + jj * KS) * kThreads + threadIdx.x);
       sum[jj] = 0.f;
+      if (!mine(jj)) continue;
 #pragma unroll
       for (int z = 0; z < KS; ++z) sum[jj] += load_cluster_shared(address, z);
     }
@@ -375,7 +377,7 @@ __device__ __forceinline__ void lut_wgmma_cta(const uint4* __restrict__ x_image,
     for (int jj = 0; jj < kShare; ++jj) {
       const int j = blockIdx.z + jj * KS;
       const int2 nm = coord(threadIdx.x, j / (kN / 2), j % (kN / 2));
-      if (nm.x < N && nm.y < M) y[(long long)nm.y * N + nm.x] = Traits::from_float(sum[jj]);
+      if (mine(jj) && nm.x < N && nm.y < M) y[(long long)nm.y * N + nm.x] = Traits::from_float(sum[jj]);
     }
     cluster_sync();  // no CTA leaves while the others read its sums
   }

@@ -255,14 +255,21 @@ TILE_CONFIGS = (
 )
 
 # The warpgroup kernel (sm_90 only), from 32 rows of x: four warpgroups a CTA (256 weight rows
-# on one copy of x), K split over a cluster of four for the shapes of few such strips. Each won
-# cells of the H100 benchmark's shapes at M = 32 to 128 against every TileConfig (docs/PERF_NOTES.md
-# v32); two steps a group at BM = 128, whose 64 accumulators leave no registers for four.
+# on one copy of x), K split over a cluster of two, three or four for the shapes of few such
+# strips. Clusters are placed whole within a GPC: the H100 holds 66 clusters of two CTAs of one
+# SM each, but only 39 of three and 30 of four (117 and 120 CTAs), so which split fills a wave
+# depends on the strips (docs/PERF_NOTES.md v35: eight, 15 clusters a wave, won no cell). Each
+# won cells of the H100 benchmark's shapes at M = 32 to 128 against every TileConfig (v32, v35);
+# two steps a group at BM = 128, whose 64 accumulators leave no registers for four.
 WARPGROUP_CONFIGS = (
     WarpgroupConfig(bm=32, stages=3),
     WarpgroupConfig(bm=64),
+    WarpgroupConfig(bm=64, ks=2),
+    WarpgroupConfig(bm=64, ks=3),
     WarpgroupConfig(bm=64, ks=4),
     WarpgroupConfig(bm=128, batch=2),
+    WarpgroupConfig(bm=128, ks=2, batch=2),
+    WarpgroupConfig(bm=128, ks=3, batch=2),
     WarpgroupConfig(bm=128, ks=4, batch=2),
 )
 
