@@ -9,9 +9,9 @@
 // issues wgmma with B, the chunk's x, read by the tensor cores straight from shared memory. One
 // copy of x a stage serves all 64 WG rows, and the decode of step s + 1 overlaps the wgmma of
 // step s. K may be split over a cluster of KS CTAs, summed through shared memory (DSMEM). The
-// tuned table says where it or lut_gemm is faster (docs/PERF_NOTES.md v32, v33).
+// tuned table says where it or lut_gemm is faster (docs/PERF_NOTES.md v32 to v35).
 //
-// The pipeline (v33). Before each launch, wgmma_x_image writes x as the chunks' shared-memory
+// The pipeline (v33, v34). Before each launch, wgmma_x_image writes x as the chunks' shared-memory
 // images (below), so that a chunk's x comes in as one bulk copy, counted on the stage's mbarrier.
 // Each warp copies its own tile's codes and scales by cp.async, STAGES chunks ahead, as lut_gemm's
 // warps do. No barrier spans the CTA inside the K loop: a warpgroup waits only for its stage's

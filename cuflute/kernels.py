@@ -129,11 +129,12 @@ class TileConfig:
 
 @dataclass(frozen=True, order=True)
 class WarpgroupConfig:
-    """A CTA of cuda_src/lut_wgmma.cuh, sm_90a's warpgroup kernel: WG warpgroups of 64 weight
-    rows each, BM rows of x, STAGES chunks of codes, scales and x in shared memory (each brought
-    by bulk copies, x from the image that XImageSpec's kernel writes first), KS CTAs of a
-    thread-block cluster splitting K, BATCH mma steps decoded before their wgmmas go as one
-    group. Every warp scales its A operand, as TileConfig.scales_a_operand."""
+    """A CTA of cuda_src/lut_wgmma.cuh, sm_90a's warpgroup kernel: WG warpgroups of 64 weight rows
+    each, BM rows of x, STAGES chunks of codes, scales and x in shared memory (x by a bulk copy
+    from the image that XImageSpec's kernel writes first, codes and scales by each warp's
+    cp.async), KS CTAs of a thread-block cluster splitting K, BATCH mma steps decoded before
+    their wgmmas go as one group. Every warp scales its A operand, as
+    TileConfig.scales_a_operand."""
 
     bm: int
     wg: int = 4
