@@ -17,6 +17,7 @@
 // warps do. No barrier spans the CTA inside the K loop: a warpgroup waits only for its stage's
 // copies and its own wgmmas, and the last warp to be done with a stage (a count in shared memory)
 // issues the x copy of the chunk STAGES on, while the other warpgroups keep the tensor cores busy.
+// (With Stream-K a CTA whose strip is shared syncs at that strip's end, its copies still in flight.)
 //
 // Template parameters
 //   BITS, GROUP, T   as lut_gemm
@@ -25,6 +26,9 @@
 //   STAGES  chunks of codes, scales and x in shared memory, all in flight but the one in use
 //   KS      CTAs of a cluster along z splitting K into contiguous ranges of chunks
 //   BATCH   mma steps decoded before their wgmmas go as one group (1, 2, 4, 8)
+//   SK      Stream-K (KS = 1): the grid's G CTAs along y split the units of work (strip, chunk) of
+//           their M block evenly, a contiguous range each, whatever the count of strips, and a
+//           strip shared by several is summed through global memory (finish_strip below)
 //
 // Dynamic shared memory (cuflute.kernels.KernelSpec.shared_bytes computes the same):
 //   [pair LUT, 32 copies][STAGES][x of a chunk][STAGES][4 WG warps][a tile's codes and scales]
@@ -130,6 +134,11 @@ __device__ __forceinline__ void copy_bulk(u32 dst, const void* src, u32 bytes, u
   asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
                :: "r"(dst), "l"(src), "r"(bytes), "r"(barrier) : "memory");
 }
+__device__ __forceinline__ u32 global_add_acq_rel(u32* address, u32 value) {
+  u32 old;
+  asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;\n" : "=r"(old) : "l"(address), "r"(value) : "memory");
+  return old;
+}
 __device__ __forceinline__ u32 shared_add_acq_rel(u32 address, u32 value) {
   u32 old;
   asm volatile("atom.acq_rel.cta.shared::cta.add.u32 %0, [%1], %2;\n" : "=r"(old) : "r"(address), "r"(value) : "memory");
@@ -144,12 +153,17 @@ __device__ __forceinline__ u32 shared_add_acq_rel(u32 address, u32 value) {
 // (cuflute.interop, the packer), so 16 bytes of x are all inside [0, K) or all past it.
 constexpr int kXImageThreads = 256;  // cuflute.kernels.XImageSpec.THREADS
 
+//
+// It also zeroes the Stream-K launch's `n_arrivals` counts (below), after the grid before it, the
+// last to count on them, is done.
 template <int BM>
 __global__ void __launch_bounds__(kXImageThreads)
 wgmma_x_image(const u32* __restrict__ x, long long x_row_stride, uint4* __restrict__ image, int M, int K,
-              int k_chunks) {
+              int k_chunks, u32* __restrict__ arrivals, int n_arrivals) {
   launch_dependent_grids();  // lut_wgmma's LUT fill overlaps this grid; it waits for the image
   wait_for_prior_grid();
+  for (int u = blockIdx.x * kXImageThreads + threadIdx.x; u < n_arrivals; u += gridDim.x * kXImageThreads)
+    arrivals[u] = 0;
   const long long units = (long long)(M + BM - 1) / BM * BM * k_chunks * 8;
   for (long long u = (long long)blockIdx.x * kXImageThreads + threadIdx.x; u < units;
        u += (long long)gridDim.x * kXImageThreads) {
@@ -199,12 +213,13 @@ template <int BITS, int GROUP, int BM, int WG, int STAGES, int KS> struct WgmmaL
   }
 };
 
-template <int BITS, int GROUP, typename T, int BM, int WG, int STAGES, int KS, int BATCH>
+template <int BITS, int GROUP, typename T, int BM, int WG, int STAGES, int KS, int BATCH, bool SK>
 __device__ __forceinline__ void lut_wgmma_cta(const uint4* __restrict__ x_image,
                                               const uint4* __restrict__ qweight,
                                               const u32* __restrict__ scales,
                                               const u32* __restrict__ pair_lut, T* __restrict__ y,
-                                              int M, int N, int K, int k_chunks, int n_groups) {
+                                              int M, int N, int K, int k_chunks, int n_groups,
+                                              float4* __restrict__ partials, u32* __restrict__ arrivals) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Smem = WgmmaLayout<BITS, GROUP, BM, WG, STAGES, KS>;
   using Tile = typename Smem::Tile;
@@ -217,6 +232,7 @@ __device__ __forceinline__ void lut_wgmma_cta(const uint4* __restrict__ x_image,
   constexpr int kBatch = BATCH;          // steps a wgmma group
   static_assert(kStepsPerChunk % kBatch == 0, "BATCH must divide a chunk's 16 steps");
   static_assert(KS >= 1 && KS <= 8, "KS must be 1 to 8 (a portable cluster)");
+  static_assert(!SK || KS == 1, "Stream-K splits K without a cluster");
   extern __shared__ __align__(128) unsigned char smem[];
   check_dynamic_shared(Smem::kBytes);
 
@@ -225,17 +241,26 @@ __device__ __forceinline__ void lut_wgmma_cta(const uint4* __restrict__ x_image,
   const u32 lane_bytes = 4u * lane;
   const int n_tiles = (N + 15) / 16;
   const int m0 = blockIdx.x * BM;
-  const int tile = blockIdx.y * kWarps + warp;  // warp w % 4 of warpgroup w / 4: its rows 16 w
+  // The CTA's units of work, a strip of 64 WG weight rows by one chunk each, strip-major: unit0 and
+  // on, cta_chunks of them. Without Stream-K: its strip blockIdx.y, the chunks of its part of K.
+  // With it: units [g U / G, (g + 1) U / G) of the U of its M block, g = blockIdx.y of G.
+  const int n_strips = (n_tiles + kWarps - 1) / kWarps;
+  const int units = n_strips * k_chunks;
+  auto cta_start = [&](int g) { return (int)((long long)g * units / gridDim.y); };
   const int split_chunks = (k_chunks + KS - 1) / KS;
   const int chunk0 = KS > 1 ? blockIdx.z * split_chunks : 0;
-  const int cta_chunks = KS > 1 ? max(0, min(split_chunks, k_chunks - chunk0)) : k_chunks;
+  const int unit0 = SK ? cta_start(blockIdx.y) : 0;
+  const int cta_chunks = SK ? cta_start(blockIdx.y + 1) - unit0
+                            : KS > 1 ? max(0, min(split_chunks, k_chunks - chunk0)) : k_chunks;
+  auto strip_of = [&](int i) { return SK ? (unit0 + i) / k_chunks : (int)blockIdx.y; };
+  auto chunk_of = [&](int i) { return SK ? (unit0 + i) % k_chunks : chunk0 + i; };
 
   // Each warp copies its own tile's codes and scales, cp.async, STAGES chunks ahead (zero past the
   // last tile), as lut_gemm's warps do; its commit groups count chunks.
   auto copy_codes = [&](int i) {
     if (i < cta_chunks)
-      copy_chunk_async<BITS, GROUP, 1>(Smem::warp_stage(smem, warp, i), qweight, scales, tile, chunk0 + i,
-                                       n_tiles, k_chunks, n_groups, lane);
+      copy_chunk_async<BITS, GROUP, 1>(Smem::warp_stage(smem, warp, i), qweight, scales, strip_of(i) * kWarps + warp,
+                                       chunk_of(i), n_tiles, k_chunks, n_groups, lane);
     copy_async_commit();
   };
   // A chunk's x, one bulk copy counted on the stage's barrier, goes once every warp is done with
@@ -243,8 +268,8 @@ __device__ __forceinline__ void lut_wgmma_cta(const uint4* __restrict__ x_image,
   auto copy_x = [&](int i) {
     const u32 full = Smem::full_barrier(smem, i);
     mbarrier_arrive_expect_bytes(full, Smem::kXBytes);
-    copy_bulk(shared_address(Smem::x_stage(smem, i)), x_image + ((long long)blockIdx.x * k_chunks + chunk0 + i) * 32 * BM,
-              Smem::kXBytes, full);
+    copy_bulk(shared_address(Smem::x_stage(smem, i)),
+              x_image + ((long long)blockIdx.x * k_chunks + chunk_of(i)) * 32 * BM, Smem::kXBytes, full);
   };
   auto release_x = [&](int i) {
     __syncwarp();
@@ -272,10 +297,85 @@ __device__ __forceinline__ void lut_wgmma_cta(const uint4* __restrict__ x_image,
     for (int i = 0; i < STAGES && i < cta_chunks; ++i) copy_x(i);
 
   float acc[kMmas][kN / 2];
+  auto zero_acc = [&] {
 #pragma unroll
-  for (int q = 0; q < kMmas; ++q)
+    for (int q = 0; q < kMmas; ++q)
 #pragma unroll
-    for (int r = 0; r < kN / 2; ++r) acc[q][r] = 0.f;
+      for (int r = 0; r < kN / 2; ++r) acc[q][r] = 0.f;
+  };
+  zero_acc();
+
+  // Accumulator r of wgmma q: row 16 (warp % 4) + gid + 8 ((r / 2) % 2) of the warpgroup's 64,
+  // column q kN + 8 (r / 4) + 2 tig + r % 2.
+  auto coord = [&](int strip, int t, int q, int r) {
+    const int l = t & 31, w_ = t >> 5;
+    return make_int2((strip * kWarps + w_) * 16 + (l >> 2) + 8 * ((r >> 1) & 1),
+                     m0 + q * kN + 8 * (r >> 2) + 2 * (l & 3) + (r & 1));
+  };
+  auto row_scale = [&](int strip) {  // the rows' scales where a row is one group, else 1
+    if constexpr (GROUP == 0) {
+      const int tile = strip * kWarps + warp;
+      return Traits::pair_to_float2(tile < n_tiles ? __ldg(scales + (long long)tile * n_groups * 8 + gid) : 0u);
+    }
+    return make_float2(1.f, 1.f);
+  };
+  auto store_y = [&](int strip) {
+    const float2 sc = row_scale(strip);
+#pragma unroll
+    for (int q = 0; q < kMmas; ++q)
+#pragma unroll
+      for (int r = 0; r < kN / 2; ++r) {
+        const int2 nm = coord(strip, threadIdx.x, q, r);
+        if (nm.x < N && nm.y < M) y[(long long)nm.y * N + nm.x] = Traits::from_float(acc[q][r] * (r & 2 ? sc.y : sc.x));
+      }
+  };
+  // Stream-K, at the last of the CTA's units of a strip: a strip whose every chunk was the CTA's
+  // goes to y. Otherwise each warp's sums go to the CTA's slot in `partials`, and of the warps
+  // that hold the same 16 rows in the strip's CTAs, the last to count itself in (`arrivals`, one
+  // count a tile of the M block) adds the others' and stores y: no barrier across the CTA, whose
+  // other warps go on with the next strip. A CTA has two slots, its first strip's and its last's:
+  // any strip in between is whole. A slot is [BM / 8][threads] float4, thread-minor, so each load
+  // and store is coalesced.
+  auto finish_strip = [&](int strip) {
+    const int first = strip * k_chunks;
+    if (unit0 <= first && unit0 + cta_chunks >= first + k_chunks) {
+      store_y(strip);
+      return;
+    }
+    auto slot = [&](int g) {
+      const int side = strip == cta_start(g) / k_chunks ? 0 : 1;
+      return partials + (((long long)blockIdx.x * gridDim.y + g) * 2 + side) * (kThreads * BM / 8);
+    };
+    float4* mine = slot(blockIdx.y);
+#pragma unroll
+    for (int q = 0; q < kMmas; ++q)
+#pragma unroll
+      for (int r = 0; r < kN / 2; r += 4)
+        __stcg(mine + (q * kN / 8 + r / 4) * kThreads + threadIdx.x,
+               make_float4(acc[q][r], acc[q][r + 1], acc[q][r + 2], acc[q][r + 3]));
+    __syncwarp();  // the lanes' stores before lane 0's release
+    auto cta_of = [&](int u) { return (int)((((long long)u + 1) * gridDim.y - 1) / units); };  // holds unit u
+    const int g_first = cta_of(first), g_last = cta_of(first + k_chunks - 1);
+    u32 arrived = 0;
+    if (lane == 0) arrived = global_add_acq_rel(arrivals + ((long long)blockIdx.x * n_strips + strip) * kWarps + warp, 1);
+    if (__shfl_sync(~0u, arrived, 0) != (u32)(g_last - g_first)) return;
+    __syncwarp();  // lane 0's acquire before the lanes' loads
+    for (int g = g_first; g <= g_last; ++g) {
+      if (g == (int)blockIdx.y) continue;
+      const float4* theirs = slot(g);
+#pragma unroll
+      for (int q = 0; q < kMmas; ++q)
+#pragma unroll
+        for (int r = 0; r < kN / 2; r += 4) {
+          const float4 v = __ldcg(theirs + (q * kN / 8 + r / 4) * kThreads + threadIdx.x);
+          acc[q][r] += v.x;
+          acc[q][r + 1] += v.y;
+          acc[q][r + 2] += v.z;
+          acc[q][r + 3] += v.w;
+        }
+    }
+    store_y(strip);
+  };
 
   const char* lut = reinterpret_cast<const char*>(smem);
   for (int i = 0; i < cta_chunks; ++i) {
@@ -326,38 +426,27 @@ __device__ __forceinline__ void lut_wgmma_cta(const uint4* __restrict__ x_image,
     for (int q = 0; q < kMmas; ++q) fence_registers(acc[q]);
     copy_codes(i + STAGES);
     release_x(i);
+    if constexpr (SK) {
+      if (chunk_of(i) == k_chunks - 1 || i == cta_chunks - 1) {
+        finish_strip(strip_of(i));
+        zero_acc();
+      }
+    }
   }
   copy_async_wait<0>();  // only empty groups are left, but none may land on reused memory
-  // Accumulator r of wgmma q: row 16 (warp % 4) + gid + 8 ((r / 2) % 2) of the warpgroup's 64,
-  // column q kN + 8 (r / 4) + 2 tig + r % 2.
-  float row_scale[2] = {1.f, 1.f};
-  if constexpr (GROUP == 0) {
-    const float2 sc = Traits::pair_to_float2(tile < n_tiles ? __ldg(scales + (long long)tile * n_groups * 8 + gid) : 0u);
-    row_scale[0] = sc.x;
-    row_scale[1] = sc.y;
-  }
-  auto coord = [&](int t, int q, int r) {
-    const int l = t & 31, w_ = t >> 5;
-    return make_int2((blockIdx.y * kWarps + w_) * 16 + (l >> 2) + 8 * ((r >> 1) & 1),
-                     m0 + q * kN + 8 * (r >> 2) + 2 * (l & 3) + (r & 1));
-  };
-  if constexpr (KS == 1) {
-#pragma unroll
-    for (int q = 0; q < kMmas; ++q)
-#pragma unroll
-      for (int r = 0; r < kN / 2; ++r) {
-        const int2 nm = coord(threadIdx.x, q, r);
-        if (nm.x < N && nm.y < M)
-          y[(long long)nm.y * N + nm.x] = Traits::from_float(acc[q][r] * row_scale[(r >> 1) & 1]);
-      }
+  if constexpr (SK) {
+    // every strip finished in the loop
+  } else if constexpr (KS == 1) {
+    store_y(blockIdx.y);
   } else {
+    const float2 sc = row_scale(blockIdx.y);
     float* partial = reinterpret_cast<float*>(smem);
     __syncthreads();  // every warp is past its last LUT and stage read
 #pragma unroll
     for (int q = 0; q < kMmas; ++q)
 #pragma unroll
       for (int r = 0; r < kN / 2; ++r)
-        partial[(q * kN / 2 + r) * kThreads + threadIdx.x] = acc[q][r] * row_scale[(r >> 1) & 1];
+        partial[(q * kN / 2 + r) * kThreads + threadIdx.x] = acc[q][r] * (r & 2 ? sc.y : sc.x);
     cluster_sync();
     // CTA z of the cluster adds and stores accumulators z, z + KS, ... of every thread, all its
     // loads from the cluster's CTAs issued before the first sum waits on one. With KS = 3 the
@@ -376,7 +465,7 @@ __device__ __forceinline__ void lut_wgmma_cta(const uint4* __restrict__ x_image,
 #pragma unroll
     for (int jj = 0; jj < kShare; ++jj) {
       const int j = blockIdx.z + jj * KS;
-      const int2 nm = coord(threadIdx.x, j / (kN / 2), j % (kN / 2));
+      const int2 nm = coord(blockIdx.y, threadIdx.x, j / (kN / 2), j % (kN / 2));
       if (mine(jj) && nm.x < N && nm.y < M) y[(long long)nm.y * N + nm.x] = Traits::from_float(sum[jj]);
     }
     cluster_sync();  // no CTA leaves while the others read its sums
@@ -386,12 +475,13 @@ __device__ __forceinline__ void lut_wgmma_cta(const uint4* __restrict__ x_image,
 #endif
 }
 
-template <int BITS, int GROUP, typename T, int BM, int WG, int STAGES, int KS, int BATCH>
+template <int BITS, int GROUP, typename T, int BM, int WG, int STAGES, int KS, int BATCH, bool SK>
 __global__ void CUFLUTE_CLUSTER_ALONG_Z(KS) __launch_bounds__(128 * WG, 1)
 lut_wgmma(const uint4* __restrict__ x_image, const uint4* __restrict__ qweight, const u32* __restrict__ scales,
-          const u32* __restrict__ pair_lut, T* __restrict__ y, int M, int N, int K, int k_chunks, int n_groups) {
-  lut_wgmma_cta<BITS, GROUP, T, BM, WG, STAGES, KS, BATCH>(x_image, qweight, scales, pair_lut, y, M, N, K,
-                                                           k_chunks, n_groups);
+          const u32* __restrict__ pair_lut, T* __restrict__ y, int M, int N, int K, int k_chunks, int n_groups,
+          float4* __restrict__ partials, u32* __restrict__ arrivals) {
+  lut_wgmma_cta<BITS, GROUP, T, BM, WG, STAGES, KS, BATCH, SK>(x_image, qweight, scales, pair_lut, y, M, N, K,
+                                                               k_chunks, n_groups, partials, arrivals);
 }
 
 }  // namespace cuflute

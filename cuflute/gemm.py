@@ -87,26 +87,36 @@ def qgemm(x, packed: PackedWeight, out=None, config: TileConfig | str | None = N
     if plan.dense:
         _dense_gemm(mat, packed, plan, out, stream)
         return out
-    x_args = (mat.ptr, mat.row_stride)
+    x_args, scratch_args = (mat.ptr, mat.row_stride), ()
     if plan.x_image is not None:
         # held until lut_wgmma, which reads it, is on the stream: freed before that, its memory
         # could go to another allocation on the stream whose writes land ahead of the read
-        image = _write_x_image(mat, packed, plan, stream)
-        x_args = (interop.address(mat, image),)
+        held, image, partials, arrivals = _write_x_image(mat, packed, plan, stream)
+        x_args, scratch_args = (image,), (partials, arrivals)
     launch(plan.function, plan.grid, plan.threads, plan.shared_bytes, stream,
-           mat.device, (*x_args, *plan.weights, out_ptr, *plan.sizes), plan.programmatic)
+           mat.device, (*x_args, *plan.weights, out_ptr, *plan.sizes, *scratch_args), plan.programmatic)
     return out
 
 
 def _write_x_image(mat: interop.DeviceMatrix, packed: PackedWeight, plan: "LaunchPlan", stream: int):
-    """A warpgroup config's x, as the shared-memory images of its chunks, in a new array of x's
-    framework (freed in stream order once the caller drops it), written on the stream."""
+    """A warpgroup config's x, as the shared-memory images of its chunks, written on the stream,
+    and a Stream-K launch's scratch (its arrival counts zeroed by the same kernel), all in one
+    new array of x's framework (freed in stream order once the caller drops it):
+
+        [image: 2-byte elements][partials: float4s][arrivals: u32s]
+
+    Returns the array and the three addresses (partials and arrivals 0 without Stream-K)."""
     function, spec = plan.x_image
-    image = interop.empty(mat, (spec.image_elements(mat.m, packed.k_chunks),))
+    image_elements = spec.image_elements(mat.m, packed.k_chunks)
+    partial_float4s, n_arrivals = plan.stream_k_scratch
+    held = interop.empty(mat, (image_elements + 8 * partial_float4s + 2 * n_arrivals,))
+    image = interop.address(mat, held)
+    partials = image + 2 * image_elements  # a multiple of 16 bytes: whole chunks of x
+    arrivals = partials + 16 * partial_float4s
     launch(function, spec.grid(mat.m, packed.k_chunks), spec.threads, 0, stream, mat.device,
-           (mat.ptr, mat.row_stride, interop.address(mat, image), mat.m, packed.k, packed.k_chunks),
+           (mat.ptr, mat.row_stride, image, mat.m, packed.k, packed.k_chunks, arrivals, n_arrivals),
            plan.programmatic)
-    return image
+    return held, image, partials if partial_float4s else 0, arrivals if n_arrivals else 0
 
 
 # The dense path dequantizes and multiplies W' in slabs of whole tiles of at most this many
@@ -191,6 +201,9 @@ class LaunchPlan:
     fallback: "LaunchPlan | None" = None
     # a warpgroup config: the kernel that writes x's image, which function then reads, and its spec
     x_image: "tuple[object, XImageSpec] | None" = None
+    # a Stream-K warpgroup config's scratch: float4s of partial sums (two slots a CTA), arrival
+    # counts (one a 16-row tile of each M block)
+    stream_k_scratch: tuple[int, int] = (0, 0)
 
 
 # (id(packed), M, config, dense cache on) -> (weak reference to packed, LaunchPlan). A
@@ -252,6 +265,14 @@ def _new_plan(packed: PackedWeight, m: int, config: TileConfig | str | None,
     if grid[1] > _MAX_GRID_Y:
         raise ValueError(f"N = {packed.n} needs {grid[1]} CTA rows, more than CUDA's {_MAX_GRID_Y}")
     function = get_kernel(spec, device)
+    stream_k_scratch = (0, 0)
+    if isinstance(tile, WarpgroupConfig) and tile.stream_k:
+        # y: one wave of CTAs shared by the M blocks, each CTA a range of its block's units
+        units = grid[1] * packed.k_chunks
+        wave = _ctas_that_fit(function, spec, device) * props["multiProcessorCount"]
+        ctas = min(units, max(1, wave // grid[0]))
+        stream_k_scratch = (grid[0] * ctas * 2 * tile.threads * tile.bm // 8, grid[0] * grid[1] * tile.warps)
+        grid = (grid[0], ctas, 1)
     programmatic = PROGRAMMATIC_LAUNCH and props["major"] >= 9
     shared_bytes = spec.shared_bytes
     if programmatic and tile.ks == 1:  # (clusters are placed a GPC at a time: not measured)
@@ -263,7 +284,7 @@ def _new_plan(packed: PackedWeight, m: int, config: TileConfig | str | None,
         image_spec = XImageSpec(tile.bm)
         x_image = (get_kernel(image_spec, device), image_spec)
     return LaunchPlan(function, grid, tile.threads, shared_bytes, weights, sizes, dense=False,
-                      programmatic=programmatic, x_image=x_image)
+                      programmatic=programmatic, x_image=x_image, stream_k_scratch=stream_k_scratch)
 
 
 def _ctas_that_fit(function, spec: KernelSpec, device: int) -> int:

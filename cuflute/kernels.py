@@ -44,7 +44,7 @@ _X_FROM_SUFFIX = {suffix: key for key, suffix in _X_SUFFIX.items()}
 _CONFIG_NAME = re.compile(r"nt(\d+)_mt(\d+)(?:_wn(\d+))?_wk(\d+)(?:_ks(\d+))?_s(\d+)(" +
                           "|".join(filter(None, _X_SUFFIX.values())) + r")?(?:_c(\d+))?(_wl)?")
 # A warpgroup config's name, as WarpgroupConfig.__str__ writes it (matched whole).
-_WARPGROUP_NAME = re.compile(r"wg(\d+)_bm(\d+)(?:_ks(\d+))?_s(\d+)_b(\d+)")
+_WARPGROUP_NAME = re.compile(r"wg(\d+)_bm(\d+)(?:_ks(\d+))?(_sk)?_s(\d+)_b(\d+)")
 
 
 @dataclass(frozen=True, order=True)
@@ -133,14 +133,16 @@ class WarpgroupConfig:
     each, BM rows of x, STAGES chunks of codes, scales and x in shared memory (x by a bulk copy
     from the image that XImageSpec's kernel writes first, codes and scales by each warp's
     cp.async), KS CTAs of a thread-block cluster splitting K, BATCH mma steps decoded before
-    their wgmmas go as one group. Every warp scales its A operand, as
-    TileConfig.scales_a_operand."""
+    their wgmmas go as one group; STREAM_K: one wave of CTAs splits each M block's (strip, chunk)
+    units evenly, shared strips summed through global memory (no cluster). Every warp scales its
+    A operand, as TileConfig.scales_a_operand."""
 
     bm: int
     wg: int = 4
     stages: int = 2
     ks: int = 1
     batch: int = 4
+    stream_k: bool = False
 
     def __post_init__(self):
         if self.bm not in (32, 64, 128):
@@ -152,6 +154,8 @@ class WarpgroupConfig:
             raise ValueError(f"ks (CTAs of a cluster splitting K) must be 1 to {MAX_K_SPLITS}, got {self.ks}")
         if self.stages < 2 or self.batch not in (1, 2, 4, 8):
             raise ValueError(f"stages must be 2 or more and batch 1, 2, 4 or 8, got {self.stages}, {self.batch}")
+        if self.stream_k and self.ks > 1:
+            raise ValueError(f"stream_k splits K without a cluster: ks must be 1, got {self.ks}")
 
     max_m = None
     scales_a_operand = True
@@ -182,7 +186,8 @@ class WarpgroupConfig:
 
     def __str__(self) -> str:
         ks = f"_ks{self.ks}" if self.ks > 1 else ""
-        return f"wg{self.wg}_bm{self.bm}{ks}_s{self.stages}_b{self.batch}"
+        sk = "_sk" if self.stream_k else ""
+        return f"wg{self.wg}_bm{self.bm}{ks}{sk}_s{self.stages}_b{self.batch}"
 
 
 # For compilation time, only the shapes that the dispatcher and the tuner use are instantiated.
@@ -272,6 +277,11 @@ WARPGROUP_CONFIGS = (
     WarpgroupConfig(bm=128, ks=2, batch=2),
     WarpgroupConfig(bm=128, ks=3, batch=2),
     WarpgroupConfig(bm=128, ks=4, batch=2),
+    # Stream-K: one wave for any count of strips, no cluster to place (at BM = 128 its sums at
+    # each strip's end, inside the K loop, spill: 64 accumulators under the 128 registers of 512
+    # threads)
+    WarpgroupConfig(bm=32, stages=3, stream_k=True),
+    WarpgroupConfig(bm=64, stream_k=True),
 )
 
 
@@ -308,11 +318,11 @@ def tile_config_from_name(text: str) -> TileConfig | WarpgroupConfig:
     """'nt2_mt1_wk8_s3' -> TileConfig(2, 1, 8, 3), 'nt2_mt4_wn4_wk1_ks2_s2_xsh_c16' ->
     TileConfig(2, 4, 1, 2, wn=4, xs=X_SHARED, lut_copies=16, ks=2) (no _wn: one warp along n;
     no _ks: no cluster; _xs: X_WARP, _xsh: X_SHARED, _xr: X_ROW, none: X_GLOBAL; no _c:
-    LUT_COPIES; _wl: a wide LUT), or 'wg4_bm64_ks4_s2_b4' -> WarpgroupConfig(64, 4, 2, 4, 4),
-    whether or not it is one of TILE_CONFIGS or WARPGROUP_CONFIGS."""
+    LUT_COPIES; _wl: a wide LUT), or 'wg4_bm64_ks4_s2_b4' -> WarpgroupConfig(64, 4, 2, 4, 4)
+    ('wg4_bm64_sk_s2_b4': stream_k=True), whether or not it is one of TILE_CONFIGS or WARPGROUP_CONFIGS."""
     if match := _WARPGROUP_NAME.fullmatch(text.strip()):
-        wg, bm, ks, stages, batch = match.groups()
-        return WarpgroupConfig(int(bm), int(wg), int(stages), int(ks or 1), int(batch))
+        wg, bm, ks, sk, stages, batch = match.groups()
+        return WarpgroupConfig(int(bm), int(wg), int(stages), int(ks or 1), int(batch), sk is not None)
     match = _CONFIG_NAME.fullmatch(text.strip())
     if not match:
         raise ValueError(f"tile config must look like nt2_mt1_wk8_s3, nt2_mt4_wn4_wk1_ks2_s2_xsh_c16 or "
@@ -390,7 +400,7 @@ class KernelSpec:
         t = self.tile
         if isinstance(t, WarpgroupConfig):
             return (f"cuflute::lut_wgmma<{self.bits}, {self.group}, {_CXX_TYPE[self.dtype]}, {t.bm}, {t.wg}, "
-                    f"{t.stages}, {t.ks}, {t.batch}>")
+                    f"{t.stages}, {t.ks}, {t.batch}, {str(t.stream_k).lower()}>")
         args = (f"{self.bits}, {self.group}, {_CXX_TYPE[self.dtype]}, {t.nt}, {t.mt}, {t.wn}, {t.wk}, "
                 f"{t.stages}, {int(t.xs)}, {t.lut_copies}, {int(t.wide_lut)}")
         return f"cuflute::lut_gemm_split<{args}, {t.ks}>" if t.ks > 1 else f"cuflute::lut_gemm<{args}>"

@@ -230,7 +230,14 @@ def test_warpgroup_configs_are_sm90a_kernels():
     assert (config.block_m, config.block_n_tiles, config.threads, config.needs_clusters) == (64, 16, 512, True)
     assert config.takes(10**6) and config.scales_a_operand
     spec = KernelSpec(3, 0, "bfloat16", config)
-    assert spec.name_expression == "cuflute::lut_wgmma<3, 0, __nv_bfloat16, 64, 4, 2, 4, 4>"
+    assert spec.name_expression == "cuflute::lut_wgmma<3, 0, __nv_bfloat16, 64, 4, 2, 4, 4, false>"
+    # Stream-K: no cluster, the same shared memory
+    stream_k = WarpgroupConfig(bm=64, stream_k=True)
+    assert stream_k in WARPGROUP_CONFIGS and str(stream_k) == "wg4_bm64_sk_s2_b4" and not stream_k.needs_clusters
+    assert tile_config_from_name("wg4_bm64_sk_s2_b4") == stream_k
+    assert KernelSpec(4, 128, "float16", stream_k).name_expression.endswith("64, 4, 2, 1, 4, true>")
+    assert KernelSpec(4, 128, "float16", stream_k).shared_bytes == KernelSpec(4, 128, "float16",
+                                                                              WarpgroupConfig(bm=64)).shared_bytes
     assert builds_for(spec, 90) and not any(builds_for(spec, a) for a in (80, 86, 89, 100))
     assert spec in every_spec(90) and spec not in every_spec(80)
     # the LUT, two stages of x (256 k of 128 rows) and sixteen warps' codes and scales, two barriers
@@ -246,6 +253,7 @@ def test_warpgroup_configs_are_sm90a_kernels():
     assert not any(isinstance(s, XImageSpec) for a in (80, 86, 89) for s in every_spec(a))
     assert arch_option(90) == "-arch=sm_90a" and arch_option(80) == "-arch=sm_80"
     for bad, message in (({"bm": 16}, "bm must be"), ({"bm": 32, "wg": 8}, "wg must be"),
-                         ({"bm": 64, "batch": 3}, "batch 1, 2, 4 or 8"), ({"bm": 64, "ks": 9}, "ks")):
+                         ({"bm": 64, "batch": 3}, "batch 1, 2, 4 or 8"), ({"bm": 64, "ks": 9}, "ks"),
+                         ({"bm": 64, "ks": 2, "stream_k": True}, "without a cluster")):
         with pytest.raises(ValueError, match=message):
             WarpgroupConfig(**bad)

@@ -91,6 +91,16 @@ def test_kernel_matches_reference(bits, group_size, dtype, n, k):
         assert err < REL_ERROR_BOUND[dtype], f"rel error {err:.2e}: {where}"
 
 
+def _assert_forced_call_matches(packed, w64, x64, dtype, config, where):
+    """qgemm with ``config`` forced into a NaN-poisoned output: every output written and within
+    the dtype's bound of x @ W'^T."""
+    out = torch.full((len(x64), packed.n), float("nan"), dtype=getattr(torch, dtype), device="cuda")
+    y64 = cuflute.qgemm(_to_torch(x64, dtype), packed, out=out, config=config).double().cpu().numpy()
+    assert np.all(np.isfinite(y64)), f"unwritten or non-finite outputs: {where}"
+    err = _rel_error(y64, x64 @ w64.T)
+    assert err < REL_ERROR_BOUND[dtype], f"rel error {err:.2e}: {where}"
+
+
 CONFIG_CASES = [(c, bits, g) for c in TILE_CONFIGS + WARPGROUP_CONFIGS + (DENSE,)
                 for bits, g in [(3, 32), (4, None), (2, 128), (4, 64)]
                 if c == DENSE or instantiated(bits, g or 0, c)]
@@ -112,12 +122,8 @@ def test_every_tile_config_matches_reference(config, bits, group_size, n, k):
             with pytest.raises(ValueError, match=f"{config} takes at most 1 rows of x, got M = {m}"):
                 cuflute.qgemm(_to_torch(x64, "float16"), packed, out=out, config=config)
             continue
-        y = cuflute.qgemm(_to_torch(x64, "float16"), packed, out=out, config=config)
-        y64 = y.double().cpu().numpy()
-        where = f"{config} {bits=} group={group_size} {m=} {n=} {k=}"
-        assert np.all(np.isfinite(y64)), f"unwritten or non-finite outputs: {where}"
-        err = _rel_error(y64, x64 @ w64.T)
-        assert err < REL_ERROR_BOUND["float16"], f"rel error {err:.2e}: {where}"
+        _assert_forced_call_matches(packed, w64, x64, "float16", config,
+                                    f"{config} {bits=} group={group_size} {m=} {n=} {k=}")
 
 
 MANY_TILE_CASES = [(c, bits, g) for c in TILE_CONFIGS + WARPGROUP_CONFIGS
@@ -136,12 +142,7 @@ def test_many_tile_configs_in_bfloat16(config, bits, group_size):
     packed, w64 = _weight(n, k, bits, group_size, "bfloat16")
     for m in (config.block_m // 2 + 1, config.block_m, config.block_m + 3):
         x64 = _random_x(m, k, "bfloat16", seed=zlib.crc32(repr((m, str(config))).encode()))
-        out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
-        y64 = cuflute.qgemm(_to_torch(x64, "bfloat16"), packed, out=out, config=config).double().cpu().numpy()
-        where = f"{config} {bits=} group={group_size} {m=}"
-        assert np.all(np.isfinite(y64)), f"unwritten or non-finite outputs: {where}"
-        err = _rel_error(y64, x64 @ w64.T)
-        assert err < REL_ERROR_BOUND["bfloat16"], f"rel error {err:.2e}: {where}"
+        _assert_forced_call_matches(packed, w64, x64, "bfloat16", config, f"{config} {bits=} group={group_size} {m=}")
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -244,20 +245,22 @@ CLUSTER_CONFIG = next((c for c in TILE_CONFIGS if c.needs_clusters and c.takes(1
 
 
 @pytest.mark.parametrize("m", [1, 16])
-@pytest.mark.parametrize("kind", ["tuned", "cluster", "warpgroup"])
+@pytest.mark.parametrize("kind", ["tuned", "cluster", "warpgroup", "stream-k"])
 def test_back_to_back_launches_wait_for_the_one_before(m, kind):
     """On sm_90 lut_gemm goes out as a programmatic dependent launch: it starts while the kernel
     before it runs and must neither read x nor write y before that one is done. Two calls back
     to back, the second reading what the first writes and writing what it read, eager and
     replayed from a CUDA graph, on a weight of 512 CTAs at M = 1; with the tuned config, with a
-    cluster config (whose CTAs also read each other's shared memory) and with a warpgroup config
-    (two launches a call: x's image, then lut_wgmma)."""
+    cluster config (whose CTAs also read each other's shared memory), with a warpgroup config
+    (two launches a call: x's image, then lut_wgmma) and with a Stream-K one (whose arrival
+    counts the next call's x image zeroes, and whose 256 units of work span strips and CTAs)."""
     major = gemm.device_properties(0)["major"]
     if kind == "cluster" and (not _has_clusters() or CLUSTER_CONFIG is None):
         pytest.skip("thread-block clusters need compute capability 9.0 and a cluster config")
-    if kind == "warpgroup" and device_arch(gemm.device_properties(0)) != WARPGROUP_ARCH:
+    if kind in ("warpgroup", "stream-k") and device_arch(gemm.device_properties(0)) != WARPGROUP_ARCH:
         pytest.skip("the warpgroup kernel runs on compute capability 9.0 alone")
-    config = {"tuned": None, "cluster": CLUSTER_CONFIG, "warpgroup": WarpgroupConfig(bm=64)}[kind]
+    config = {"tuned": None, "cluster": CLUSTER_CONFIG, "warpgroup": WarpgroupConfig(bm=64),
+              "stream-k": WarpgroupConfig(bm=64, stream_k=True)}[kind]
     packed, w64 = _weight(4096, 4096, 4, 128, "float16")
     assert gemm.launch_plan(packed, m, config).programmatic == (
         major >= 9 and gemm.PROGRAMMATIC_LAUNCH)
@@ -278,6 +281,27 @@ def test_back_to_back_launches_wait_for_the_one_before(m, kind):
             first, second = b.double().cpu().numpy(), a.double().cpu().numpy()
             assert _rel_error(first, x64 @ w64.T) < 1e-3, (run, seed)
             assert _rel_error(second, first @ w64.T) < 1e-3, (run, seed)
+
+
+STREAM_K_CONFIGS = [c for c in WARPGROUP_CONFIGS if c.stream_k]
+
+
+@pytest.mark.parametrize("config", STREAM_K_CONFIGS, ids=str)
+@pytest.mark.parametrize("n, k", [(8192, 8192), (4000, 2816), (520, 12288)])
+def test_stream_k_sums_strips_shared_by_ctas(config, n, k):
+    """Stream-K splits each M block's (strip, chunk) units evenly over a wave of CTAs: 1024
+    units (a CTA's range spans strips, each strip 4 or 5 CTAs), 176 units with a ragged last
+    strip (a CTA of one or two units), 3 strips of 48 chunks with a ragged last tile (a strip
+    summed from 14 to 45 CTAs); one M block and three. Two calls a shape with fresh x into
+    poisoned outputs: the arrival counts start from zero in each."""
+    _skip_unless_built_here(config, 4, 128, "float16")
+    packed, w64 = _weight(n, k, 4, 128, "float16")
+    for m in (config.block_m, 2 * config.block_m + 5):
+        plan = gemm.launch_plan(packed, m, config)
+        assert plan.grid[0] == -(-m // config.block_m) and plan.stream_k_scratch[1] == plan.grid[0] * -(-n // 256) * 16
+        for seed in (1, 2):
+            _assert_forced_call_matches(packed, w64, _random_x(m, k, "float16", seed=seed), "float16", config,
+                                        f"{config} {m=} {n=} {k=} {seed=}")
 
 
 def test_a_weight_rewritten_just_before_a_call_is_read_as_rewritten():
