@@ -357,7 +357,8 @@ __device__ __forceinline__ void lut_wgmma_cta(const uint4* __restrict__ x_image,
     auto cta_of = [&](int u) { return (int)((((long long)u + 1) * gridDim.y - 1) / units); };  // holds unit u
     const int g_first = cta_of(first), g_last = cta_of(first + k_chunks - 1);
     u32 arrived = 0;
-    if (lane == 0) arrived = global_add_acq_rel(arrivals + ((long long)blockIdx.x * n_strips + strip) * kWarps + warp, 1);
+    if (lane == 0)
+      arrived = global_add_acq_rel(arrivals + ((long long)blockIdx.x * n_strips + strip) * kWarps + warp, 1);
     if (__shfl_sync(~0u, arrived, 0) != (u32)(g_last - g_first)) return;
     __syncwarp();  // lane 0's acquire before the lanes' loads
     for (int g = g_first; g <= g_last; ++g) {
