@@ -17,7 +17,6 @@
 // warps do. No barrier spans the CTA inside the K loop: a warpgroup waits only for its stage's
 // copies and its own wgmmas, and the last warp to be done with a stage (a count in shared memory)
 // issues the x copy of the chunk STAGES on, while the other warpgroups keep the tensor cores busy.
-// (With Stream-K a CTA whose strip is shared syncs at that strip's end, its copies still in flight.)
 //
 // Template parameters
 //   BITS, GROUP, T   as lut_gemm
@@ -153,7 +152,6 @@ __device__ __forceinline__ u32 shared_add_acq_rel(u32 address, u32 value) {
 // (cuflute.interop, the packer), so 16 bytes of x are all inside [0, K) or all past it.
 constexpr int kXImageThreads = 256;  // cuflute.kernels.XImageSpec.THREADS
 
-//
 // It also zeroes the Stream-K launch's `n_arrivals` counts (below), after the grid before it, the
 // last to count on them, is done.
 template <int BM>
@@ -435,11 +433,9 @@ __device__ __forceinline__ void lut_wgmma_cta(const uint4* __restrict__ x_image,
     }
   }
   copy_async_wait<0>();  // only empty groups are left, but none may land on reused memory
-  if constexpr (SK) {
-    // every strip finished in the loop
-  } else if constexpr (KS == 1) {
+  if constexpr (KS == 1 && !SK) {  // (Stream-K stored each strip at its end, in the loop)
     store_y(blockIdx.y);
-  } else {
+  } else if constexpr (KS > 1) {
     const float2 sc = row_scale(blockIdx.y);
     float* partial = reinterpret_cast<float*>(smem);
     __syncthreads();  // every warp is past its last LUT and stage read

@@ -105,7 +105,7 @@ def _write_x_image(mat: interop.DeviceMatrix, packed: PackedWeight, plan: "Launc
 
         [image: 2-byte elements][partials: float4s][arrivals: u32s]
 
-    Returns the array and the three addresses (partials and arrivals 0 without Stream-K)."""
+    Returns the array and the three addresses (partials and arrivals unused without Stream-K)."""
     function, spec = plan.x_image
     image_elements = spec.image_elements(mat.m, packed.k_chunks)
     partial_float4s, n_arrivals = plan.stream_k_scratch
@@ -116,7 +116,7 @@ def _write_x_image(mat: interop.DeviceMatrix, packed: PackedWeight, plan: "Launc
     launch(function, spec.grid(mat.m, packed.k_chunks), spec.threads, 0, stream, mat.device,
            (mat.ptr, mat.row_stride, image, mat.m, packed.k, packed.k_chunks, arrivals, n_arrivals),
            plan.programmatic)
-    return held, image, partials if partial_float4s else 0, arrivals if n_arrivals else 0
+    return held, image, partials, arrivals
 
 
 # The dense path dequantizes and multiplies W' in slabs of whole tiles of at most this many
