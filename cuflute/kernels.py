@@ -299,7 +299,8 @@ def instantiated(bits: int, group: int, tile: TileConfig) -> bool:
     tiles) with 3-bit codes, whose fields take a select more a step; five n tiles of 2-bit codes
     with groups of 64 (one m tile: 32 bytes on sm_80, 86 and 89). A warp that scales the A
     operand (16 tiles or more) keeps no group sums, so small groups cost it nothing; at 32 tiles
-    (four n tiles of eight m tiles) only 3-bit codes with one group a row spill (sm_90). A wide
+    (four n tiles of eight m tiles) one group a row spills on sm_90: 3-bit codes under every
+    NVRTC, 2- and 4-bit under 13.0 (4 bytes at 255 registers; none under 13.5). A wide
     LUT is for 4-bit codes only, the one width whose pair fields are whole bytes. (Ten tiles in
     bfloat16 spilled 20 bytes on sm_90 until bfloat16 scales were widened by a shift and a mask,
     cuda_src/dtype_traits.cuh.)"""
@@ -309,7 +310,7 @@ def instantiated(bits: int, group: int, tile: TileConfig) -> bool:
         return False
     tiles = tile.mt * tile.nt
     if tile.scales_a_operand:
-        return not (tiles >= 32 and bits == 3 and group == 0)
+        return not (tiles >= 32 and group == 0)
     return not (tiles >= 8 and group in (32, 64)) and not (tiles >= 10 and bits == 3) \
         and not (tile.nt == 5 and bits == 2 and group == 64)
 

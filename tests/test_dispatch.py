@@ -75,8 +75,8 @@ def test_name_expression_and_count():
     assert wide.shared_bytes == KernelSpec(4, 128, "float16", replace(wide.tile, wide_lut=False)).shared_bytes + 32768
     # 3 bit widths x 5 groups x 2 dtypes a config, but eight to fifteen tiles a warp not with
     # groups of 32 or 64, ten to fifteen not with 3-bit codes, five n tiles of fewer than eight
-    # not with 2-bit codes and groups of 64, and 32 (the A operand scaled) not with 3-bit codes
-    # and one group a row; a wide LUT only with 4-bit codes; a warpgroup config with all
+    # not with 2-bit codes and groups of 64, and 32 (the A operand scaled) not with one group a
+    # row; a wide LUT only with 4-bit codes; a warpgroup config with all
     narrow = [c for c in TILE_CONFIGS if not c.wide_lut]
     summed = [c for c in narrow if not c.scales_a_operand]
     eight_tiles = sum(c.mt * c.nt >= 8 for c in summed)
@@ -85,7 +85,7 @@ def test_name_expression_and_count():
     thirty_two = sum(c.mt * c.nt >= 32 for c in narrow)
     wide_groups = sum(5 - 2 * (not c.scales_a_operand and c.mt * c.nt >= 8) for c in TILE_CONFIGS if c.wide_lut)
     assert ten_tiles >= 1 and five_n_tiles >= 1 and thirty_two >= 1 and wide_groups >= 1
-    assert len(all_specs()) == 2 * (15 * len(narrow) - 3 * 2 * eight_tiles - 3 * ten_tiles - thirty_two + wide_groups) \
+    assert len(all_specs()) == 2 * (15 * len(narrow) - 3 * 2 * eight_tiles - 3 * ten_tiles - 3 * thirty_two + wide_groups) \
         - 2 * five_n_tiles + 30 * len(WARPGROUP_CONFIGS)
 
 
