@@ -184,14 +184,15 @@ wgmma_x_image(const u32* __restrict__ x, long long x_row_stride, uint4* __restri
   }
 }
 
-template <int BITS, int GROUP, int BM, int WG, int STAGES, int KS> struct WgmmaLayout {
+template <int BITS, int GROUP, int BM, int WG, int STAGES, int KS, bool RC> struct WgmmaLayout {
   static_assert(BM == 32 || BM == 64 || BM == 128, "BM must be 32, 64 or 128");
   static constexpr int kWarps = 4 * WG;
   using Tile = WarpTile<BITS, GROUP, 1, 1, kXGlobal>;  // a warp's stage: its tile's codes, scales
   static constexpr int kLutBytes = CodeLayout<BITS>::kLutBytes;
   static constexpr int kComboBytes = BM * 16;             // the x of one combo (above)
   static constexpr int kXBytes = 2 * kStepsPerChunk * kComboBytes;
-  static constexpr int kPipelineBytes = kLutBytes + STAGES * (kXBytes + kWarps * Tile::kStageBytes);
+  static constexpr int kWarpStageBytes = RC ? 0 : kWarps * Tile::kStageBytes;  // a stage's codes, scales
+  static constexpr int kPipelineBytes = kLutBytes + STAGES * (kXBytes + kWarpStageBytes);
   // Then a stage's barrier (8 bytes) and its count of warps done with it (4, padded to 8).
   static constexpr int kBarrierBytes = 16 * STAGES;
   static constexpr int kPartialBytes = KS > 1 ? 32 * kWarps * BM / 2 * 4 : 0;
@@ -201,7 +202,7 @@ template <int BITS, int GROUP, int BM, int WG, int STAGES, int KS> struct WgmmaL
     return smem + kLutBytes + (i % STAGES) * kXBytes;
   }
   static __device__ __forceinline__ unsigned char* warp_stage(unsigned char* smem, int warp, int i) {
-    return smem + kLutBytes + STAGES * kXBytes + ((i % STAGES) * kWarps + warp) * Tile::kStageBytes;
+    return smem + kLutBytes + STAGES * kXBytes + (i % STAGES) * kWarpStageBytes + warp * Tile::kStageBytes;
   }
   static __device__ __forceinline__ u32 full_barrier(unsigned char* smem, int i) {
     return shared_address(smem + kPipelineBytes + 8 * (i % STAGES));
@@ -211,7 +212,7 @@ template <int BITS, int GROUP, int BM, int WG, int STAGES, int KS> struct WgmmaL
   }
 };
 
-template <int BITS, int GROUP, typename T, int BM, int WG, int STAGES, int KS, int BATCH, bool SK>
+template <int BITS, int GROUP, typename T, int BM, int WG, int STAGES, int KS, int BATCH, bool SK, bool RC>
 __device__ __forceinline__ void lut_wgmma_cta(const uint4* __restrict__ x_image,
                                               const uint4* __restrict__ qweight,
                                               const u32* __restrict__ scales,
@@ -219,7 +220,7 @@ __device__ __forceinline__ void lut_wgmma_cta(const uint4* __restrict__ x_image,
                                               int M, int N, int K, int k_chunks, int n_groups,
                                               float4* __restrict__ partials, u32* __restrict__ arrivals) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using Smem = WgmmaLayout<BITS, GROUP, BM, WG, STAGES, KS>;
+  using Smem = WgmmaLayout<BITS, GROUP, BM, WG, STAGES, KS, RC>;
   using Tile = typename Smem::Tile;
   using Layout = CodeLayout<BITS>;
   using Traits = DTypeTraits<T>;
@@ -254,12 +255,26 @@ __device__ __forceinline__ void lut_wgmma_cta(const uint4* __restrict__ x_image,
   auto chunk_of = [&](int i) { return SK ? (unit0 + i) % k_chunks : chunk0 + i; };
 
   // Each warp copies its own tile's codes and scales, cp.async, STAGES chunks ahead (zero past the
-  // last tile), as lut_gemm's warps do; its commit groups count chunks.
+  // last tile), as lut_gemm's warps do; its commit groups count chunks. RC: each lane loads its
+  // own words of them into registers instead, one chunk ahead, so that they cross shared memory
+  // neither as the copy's writes nor as the reads back.
   auto copy_codes = [&](int i) {
     if (i < cta_chunks)
       copy_chunk_async<BITS, GROUP, 1>(Smem::warp_stage(smem, warp, i), qweight, scales, strip_of(i) * kWarps + warp,
                                        chunk_of(i), n_tiles, k_chunks, n_groups, lane);
     copy_async_commit();
+  };
+  // A warp past the last tile loads the last tile's: its rows are past N, never stored, and a
+  // select of zeros here would wait for the loads (a chunk early).
+  u32 next_words[Layout::kWords], next_scales[Tile::kGroupsPerChunk];
+  auto load_codes = [&](int i) {
+    if (i >= cta_chunks) return;
+    const long long tile = min(strip_of(i) * kWarps + warp, n_tiles - 1);
+    unpack_code_words<BITS>(next_words, qweight + (tile * k_chunks + chunk_of(i)) * BITS * 32 + lane);
+#pragma unroll
+    for (int j = 0; j < Tile::kGroupsPerChunk; ++j)
+      next_scales[j] =
+          GROUP == 0 ? 0u : __ldg(scales + (tile * n_groups + chunk_of(i) * Tile::kGroupsPerChunk + j) * 8 + gid);
   };
   // A chunk's x, one bulk copy counted on the stage's barrier, goes once every warp is done with
   // the stage: the last of them to be done (its wgmmas on it complete) issues the next.
@@ -286,8 +301,12 @@ __device__ __forceinline__ void lut_wgmma_cta(const uint4* __restrict__ x_image,
   // The LUT and the first chunks' codes before the wait for the grid ahead (wgmma_x_image, whose
   // image the x copies read).
   launch_dependent_grids();
+  if constexpr (RC) {
+    load_codes(0);
+  } else {
 #pragma unroll
-  for (int i = 0; i < STAGES; ++i) copy_codes(i);
+    for (int i = 0; i < STAGES; ++i) copy_codes(i);
+  }
   fill_lut<BITS, 32, 0, kThreads>(smem, pair_lut, threadIdx.x);
   wait_for_prior_grid();
   __syncthreads();
@@ -378,12 +397,20 @@ __device__ __forceinline__ void lut_wgmma_cta(const uint4* __restrict__ x_image,
 
   const char* lut = reinterpret_cast<const char*>(smem);
   for (int i = 0; i < cta_chunks; ++i) {
-    copy_async_wait<STAGES - 1>();
-    __syncwarp();  // the lanes' copies of the stage's scales, read by every lane
+    u32 w[Layout::kWords], chunk_scales[Tile::kGroupsPerChunk];
+    if constexpr (RC) {
+#pragma unroll
+      for (int j = 0; j < Layout::kWords; ++j) w[j] = next_words[j];
+#pragma unroll
+      for (int j = 0; j < Tile::kGroupsPerChunk; ++j) chunk_scales[j] = next_scales[j];
+      load_codes(i + 1);
+    } else {
+      copy_async_wait<STAGES - 1>();
+      __syncwarp();  // the lanes' copies of the stage's scales, read by every lane
+    }
     mbarrier_wait(Smem::full_barrier(smem, i), (i / STAGES) & 1);
     const unsigned char* stage = Smem::warp_stage(smem, warp, i);
     const u32 x_base = shared_address(Smem::x_stage(smem, i));
-    u32 w[Layout::kWords];
     u32 scale_lo = 0, scale_hi = 0;
     // kBatch steps decoded, then their wgmmas issued back to back as one group: the tensor cores
     // chain them on the accumulators while the next batch decodes.
@@ -395,9 +422,10 @@ __device__ __forceinline__ void lut_wgmma_cta(const uint4* __restrict__ x_image,
         const int s = s0 + b;
 #pragma unroll
         for (int v = 0; v < BITS; ++v)
-          if (Layout::first_step(v) == s) set_code_vector<BITS>(w, v, Tile::stage_code_vector(stage, lane, 0, v));
+          if (!RC && Layout::first_step(v) == s) set_code_vector<BITS>(w, v, Tile::stage_code_vector(stage, lane, 0, v));
         if (GROUP != 0 && s % Tile::kStepsPerGroup == 0) {
-          const u32 scale = Tile::stage_scale(stage, lane, 0, s / Tile::kStepsPerGroup);
+          const int j = s / Tile::kStepsPerGroup;
+          const u32 scale = RC ? chunk_scales[j] : Tile::stage_scale(stage, lane, 0, j);
           scale_lo = __byte_perm(scale, 0, 0x1010);
           scale_hi = __byte_perm(scale, 0, 0x3232);
         }
@@ -423,7 +451,7 @@ __device__ __forceinline__ void lut_wgmma_cta(const uint4* __restrict__ x_image,
     wgmma_wait<0>();
 #pragma unroll
     for (int q = 0; q < kMmas; ++q) fence_registers(acc[q]);
-    copy_codes(i + STAGES);
+    if constexpr (!RC) copy_codes(i + STAGES);
     release_x(i);
     if constexpr (SK) {
       if (chunk_of(i) == k_chunks - 1 || i == cta_chunks - 1) {
@@ -432,7 +460,7 @@ __device__ __forceinline__ void lut_wgmma_cta(const uint4* __restrict__ x_image,
       }
     }
   }
-  copy_async_wait<0>();  // only empty groups are left, but none may land on reused memory
+  if constexpr (!RC) copy_async_wait<0>();  // only empty groups are left, but none may land on reused memory
   if constexpr (KS == 1 && !SK) {  // (Stream-K stored each strip at its end, in the loop)
     store_y(blockIdx.y);
   } else if constexpr (KS > 1) {
@@ -472,12 +500,12 @@ __device__ __forceinline__ void lut_wgmma_cta(const uint4* __restrict__ x_image,
 #endif
 }
 
-template <int BITS, int GROUP, typename T, int BM, int WG, int STAGES, int KS, int BATCH, bool SK>
+template <int BITS, int GROUP, typename T, int BM, int WG, int STAGES, int KS, int BATCH, bool SK, bool RC>
 __global__ void CUFLUTE_CLUSTER_ALONG_Z(KS) __launch_bounds__(128 * WG, 1)
 lut_wgmma(const uint4* __restrict__ x_image, const uint4* __restrict__ qweight, const u32* __restrict__ scales,
           const u32* __restrict__ pair_lut, T* __restrict__ y, int M, int N, int K, int k_chunks, int n_groups,
           float4* __restrict__ partials, u32* __restrict__ arrivals) {
-  lut_wgmma_cta<BITS, GROUP, T, BM, WG, STAGES, KS, BATCH, SK>(x_image, qweight, scales, pair_lut, y, M, N, K,
+  lut_wgmma_cta<BITS, GROUP, T, BM, WG, STAGES, KS, BATCH, SK, RC>(x_image, qweight, scales, pair_lut, y, M, N, K,
                                                                k_chunks, n_groups, partials, arrivals);
 }
 

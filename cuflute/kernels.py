@@ -44,7 +44,7 @@ _X_FROM_SUFFIX = {suffix: key for key, suffix in _X_SUFFIX.items()}
 _CONFIG_NAME = re.compile(r"nt(\d+)_mt(\d+)(?:_wn(\d+))?_wk(\d+)(?:_ks(\d+))?_s(\d+)(" +
                           "|".join(filter(None, _X_SUFFIX.values())) + r")?(?:_c(\d+))?(_wl)?")
 # A warpgroup config's name, as WarpgroupConfig.__str__ writes it (matched whole).
-_WARPGROUP_NAME = re.compile(r"wg(\d+)_bm(\d+)(?:_ks(\d+))?(_sk)?_s(\d+)_b(\d+)")
+_WARPGROUP_NAME = re.compile(r"wg(\d+)_bm(\d+)(?:_ks(\d+))?(_sk)?_s(\d+)_b(\d+)(_rc)?")
 
 
 @dataclass(frozen=True, order=True)
@@ -134,8 +134,10 @@ class WarpgroupConfig:
     from the image that XImageSpec's kernel writes first, codes and scales by each warp's
     cp.async), KS CTAs of a thread-block cluster splitting K, BATCH mma steps decoded before
     their wgmmas go as one group; STREAM_K: one wave of CTAs splits each M block's (strip, chunk)
-    units evenly, shared strips summed through global memory (no cluster). Every warp scales its
-    A operand, as TileConfig.scales_a_operand."""
+    units evenly, shared strips summed through global memory (no cluster); REG_CODES: each lane
+    loads its words of the codes and scales into registers one chunk ahead instead (no
+    cp.async, nothing of the weight in shared memory but the LUT; STAGES counts x's stages). Every
+    warp scales its A operand, as TileConfig.scales_a_operand."""
 
     bm: int
     wg: int = 4
@@ -143,6 +145,7 @@ class WarpgroupConfig:
     ks: int = 1
     batch: int = 4
     stream_k: bool = False
+    reg_codes: bool = False
 
     def __post_init__(self):
         if self.bm not in (32, 64, 128):
@@ -187,7 +190,8 @@ class WarpgroupConfig:
     def __str__(self) -> str:
         ks = f"_ks{self.ks}" if self.ks > 1 else ""
         sk = "_sk" if self.stream_k else ""
-        return f"wg{self.wg}_bm{self.bm}{ks}{sk}_s{self.stages}_b{self.batch}"
+        rc = "_rc" if self.reg_codes else ""
+        return f"wg{self.wg}_bm{self.bm}{ks}{sk}_s{self.stages}_b{self.batch}{rc}"
 
 
 # For compilation time, only the shapes that the dispatcher and the tuner use are instantiated.
@@ -282,6 +286,13 @@ WARPGROUP_CONFIGS = (
     # threads)
     WarpgroupConfig(bm=32, stages=3, stream_k=True),
     WarpgroupConfig(bm=64, stream_k=True),
+    # the codes and scales in registers (v37)
+    WarpgroupConfig(bm=32, stages=3, reg_codes=True),
+    WarpgroupConfig(bm=64, reg_codes=True),
+    WarpgroupConfig(bm=64, ks=2, reg_codes=True),
+    WarpgroupConfig(bm=64, ks=3, reg_codes=True),
+    WarpgroupConfig(bm=32, stages=3, stream_k=True, reg_codes=True),
+    WarpgroupConfig(bm=64, stream_k=True, reg_codes=True),
 )
 
 
@@ -320,10 +331,11 @@ def tile_config_from_name(text: str) -> TileConfig | WarpgroupConfig:
     TileConfig(2, 4, 1, 2, wn=4, xs=X_SHARED, lut_copies=16, ks=2) (no _wn: one warp along n;
     no _ks: no cluster; _xs: X_WARP, _xsh: X_SHARED, _xr: X_ROW, none: X_GLOBAL; no _c:
     LUT_COPIES; _wl: a wide LUT), or 'wg4_bm64_ks4_s2_b4' -> WarpgroupConfig(64, 4, 2, 4, 4)
-    ('wg4_bm64_sk_s2_b4': stream_k=True), whether or not it is one of TILE_CONFIGS or WARPGROUP_CONFIGS."""
+    ('wg4_bm64_sk_s2_b4': stream_k=True, 'wg4_bm64_s2_b4_rc': reg_codes=True), whether or not it
+    is one of TILE_CONFIGS or WARPGROUP_CONFIGS."""
     if match := _WARPGROUP_NAME.fullmatch(text.strip()):
-        wg, bm, ks, sk, stages, batch = match.groups()
-        return WarpgroupConfig(int(bm), int(wg), int(stages), int(ks or 1), int(batch), sk is not None)
+        wg, bm, ks, sk, stages, batch, rc = match.groups()
+        return WarpgroupConfig(int(bm), int(wg), int(stages), int(ks or 1), int(batch), sk is not None, rc is not None)
     match = _CONFIG_NAME.fullmatch(text.strip())
     if not match:
         raise ValueError(f"tile config must look like nt2_mt1_wk8_s3, nt2_mt4_wn4_wk1_ks2_s2_xsh_c16 or "
@@ -380,7 +392,8 @@ class KernelSpec:
         warp_codes = 32 * 16 * self.bits + 32 * groups_per_chunk  # a 16-row tile's codes, scales
         if isinstance(t, WarpgroupConfig):
             x_bytes = CHUNK_K * t.bm * 2
-            pipeline = lut_bytes(self.bits, LUT_COPIES) + t.stages * (x_bytes + t.warps * warp_codes)
+            warp_stages = 0 if t.reg_codes else t.warps * warp_codes
+            pipeline = lut_bytes(self.bits, LUT_COPIES) + t.stages * (x_bytes + warp_stages)
             barriers = 16 * t.stages  # a stage's mbarrier and its count of warps done with it
             return max(pipeline + barriers, t.threads * t.bm // 2 * 4 if t.ks > 1 else 0)
         lut = lut_bytes(self.bits, t.lut_copies, t.wide_lut)
@@ -401,7 +414,7 @@ class KernelSpec:
         t = self.tile
         if isinstance(t, WarpgroupConfig):
             return (f"cuflute::lut_wgmma<{self.bits}, {self.group}, {_CXX_TYPE[self.dtype]}, {t.bm}, {t.wg}, "
-                    f"{t.stages}, {t.ks}, {t.batch}, {str(t.stream_k).lower()}>")
+                    f"{t.stages}, {t.ks}, {t.batch}, {str(t.stream_k).lower()}, {str(t.reg_codes).lower()}>")
         args = (f"{self.bits}, {self.group}, {_CXX_TYPE[self.dtype]}, {t.nt}, {t.mt}, {t.wn}, {t.wk}, "
                 f"{t.stages}, {int(t.xs)}, {t.lut_copies}, {int(t.wide_lut)}")
         return f"cuflute::lut_gemm_split<{args}, {t.ks}>" if t.ks > 1 else f"cuflute::lut_gemm<{args}>"

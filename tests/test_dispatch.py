@@ -230,14 +230,22 @@ def test_warpgroup_configs_are_sm90a_kernels():
     assert (config.block_m, config.block_n_tiles, config.threads, config.needs_clusters) == (64, 16, 512, True)
     assert config.takes(10**6) and config.scales_a_operand
     spec = KernelSpec(3, 0, "bfloat16", config)
-    assert spec.name_expression == "cuflute::lut_wgmma<3, 0, __nv_bfloat16, 64, 4, 2, 4, 4, false>"
+    assert spec.name_expression == "cuflute::lut_wgmma<3, 0, __nv_bfloat16, 64, 4, 2, 4, 4, false, false>"
     # Stream-K: no cluster, the same shared memory
     stream_k = WarpgroupConfig(bm=64, stream_k=True)
     assert stream_k in WARPGROUP_CONFIGS and str(stream_k) == "wg4_bm64_sk_s2_b4" and not stream_k.needs_clusters
     assert tile_config_from_name("wg4_bm64_sk_s2_b4") == stream_k
-    assert KernelSpec(4, 128, "float16", stream_k).name_expression.endswith("64, 4, 2, 1, 4, true>")
+    assert KernelSpec(4, 128, "float16", stream_k).name_expression.endswith("64, 4, 2, 1, 4, true, false>")
     assert KernelSpec(4, 128, "float16", stream_k).shared_bytes == KernelSpec(4, 128, "float16",
                                                                               WarpgroupConfig(bm=64)).shared_bytes
+    # codes and scales in registers: no warp's stages in shared memory (16 warps, two stages of a
+    # tile's 2 KiB of 4-bit codes and 64 bytes of scales)
+    reg_codes = WarpgroupConfig(bm=64, reg_codes=True)
+    assert reg_codes in WARPGROUP_CONFIGS and str(reg_codes) == "wg4_bm64_s2_b4_rc"
+    assert tile_config_from_name("wg4_bm64_s2_b4_rc") == reg_codes
+    assert KernelSpec(4, 128, "float16", reg_codes).name_expression.endswith("64, 4, 2, 1, 4, false, true>")
+    assert KernelSpec(4, 128, "float16", reg_codes).shared_bytes == \
+        KernelSpec(4, 128, "float16", WarpgroupConfig(bm=64)).shared_bytes - 16 * 2 * (2048 + 64)
     assert builds_for(spec, 90) and not any(builds_for(spec, a) for a in (80, 86, 89, 100))
     assert spec in every_spec(90) and spec not in every_spec(80)
     # the LUT, two stages of x (256 k of 128 rows) and sixteen warps' codes and scales, two barriers
