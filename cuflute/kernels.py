@@ -286,7 +286,7 @@ WARPGROUP_CONFIGS = (
     # threads)
     WarpgroupConfig(bm=32, stages=3, stream_k=True),
     WarpgroupConfig(bm=64, stream_k=True),
-    # the codes and scales in registers (v37)
+    # the codes and scales in registers (v37; measured and kept in v38)
     WarpgroupConfig(bm=32, stages=3, reg_codes=True),
     WarpgroupConfig(bm=64, reg_codes=True),
     WarpgroupConfig(bm=64, ks=2, reg_codes=True),
@@ -335,7 +335,8 @@ def tile_config_from_name(text: str) -> TileConfig | WarpgroupConfig:
     is one of TILE_CONFIGS or WARPGROUP_CONFIGS."""
     if match := _WARPGROUP_NAME.fullmatch(text.strip()):
         wg, bm, ks, sk, stages, batch, rc = match.groups()
-        return WarpgroupConfig(int(bm), int(wg), int(stages), int(ks or 1), int(batch), sk is not None, rc is not None)
+        return WarpgroupConfig(int(bm), int(wg), int(stages), int(ks or 1), int(batch),
+                               stream_k=sk is not None, reg_codes=rc is not None)
     match = _CONFIG_NAME.fullmatch(text.strip())
     if not match:
         raise ValueError(f"tile config must look like nt2_mt1_wk8_s3, nt2_mt4_wn4_wk1_ks2_s2_xsh_c16 or "
