@@ -180,9 +180,41 @@ def run_sweep(sweep: Sweep, rotate_bytes: int | None, replays: int) -> dict:
             "entries": entries}
 
 
+def entry_key(entry: dict) -> tuple:
+    """What a table entry is the winner for: (bits, group, dtype, N, K, M bucket)."""
+    return entry["bits"], entry["group"], entry["dtype"], entry["n"], entry["k"], entry["m"]
+
+
+def merge_tables(table: dict, result: dict) -> tuple[dict, list[str]]:
+    """``result`` (a sweep of some cells) written into ``table`` (the GPU's whole file): its entries
+    replace those of the same key and add the keys the table lacks; the others stay. The header
+    (date, versions, method) becomes the new run's, and ``sweep`` names both sweeps. An entry keeps
+    the table's ``dense_cached_us`` where the new run timed none (a sweep without ``dense``), so
+    that a partial retune does not turn the dense cache off for its cells. Returns the merged table
+    and a line for each cell whose config changed."""
+    if table["gpu"] != result["gpu"]:
+        raise ValueError(f"cannot merge a sweep run on {result['gpu']} into the table of {table['gpu']}")
+    entries = {entry_key(e): e for e in table["entries"]}
+    changed = []
+    for new in result["entries"]:
+        old = entries.get(entry_key(new))
+        if old is not None and "dense_cached_us" in old and "dense_cached_us" not in new:
+            new = {**new, "dense_cached_us": old["dense_cached_us"]}
+        if old is not None and old["config"] != new["config"]:
+            changed.append(f"{entry_key(new)}: {old['config']} {old['us']} us -> {new['config']} {new['us']} us")
+        entries[entry_key(new)] = new
+    names = table["sweep"].split(" + ")
+    names += [] if result["sweep"] in names else [result["sweep"]]
+    return {**result, "sweep": " + ".join(names), "entries": list(entries.values())}, changed
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sweep", help="a sweep file, e.g. tuning/sweeps/h100.yaml")
     parser.add_argument("--out", help="default: tuning/configs/<gpu>.yaml")
+    parser.add_argument("--merge", action="store_true",
+                        help="write the sweep's cells into the file already at --out (default: the GPU's), "
+                             "keeping its other cells (a retune of some shapes or M buckets), instead of "
+                             "replacing it")
     parser.add_argument("--replays", type=bench.positive_int, default=bench.DEFAULT_REPLAYS)
     parser.add_argument("--rotate-bytes", type=bench.parse_bytes, default=None,
                         help="weight bytes to rotate over (default: twice the L2 size)")
@@ -196,10 +228,14 @@ def run(args: argparse.Namespace) -> int:
         return 1
     result = run_sweep(sweep, args.rotate_bytes, args.replays)
     out = Path(args.out) if args.out else tuning_dir() / f"{gpu_slug(result['gpu'])}.yaml"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    bench.write_atomically(str(out), yaml.safe_dump(result, sort_keys=False, width=120))
     for e in result["entries"]:
         print(f"{e['n']:>6} {e['k']:>6} {e['bits']}-bit g{e['group']:<4} {e['dtype']:<8} "
               f"M={e['m']:<4} {e['config']:<12} {e['us']:8.2f} us")
-    print(f"wrote {out}")
+    table = result
+    if args.merge and out.exists():
+        table, changed = merge_tables(yaml.safe_load(out.read_text()), result)
+        print("\n".join(changed) or "no cell changed its config")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    bench.write_atomically(str(out), yaml.safe_dump(table, sort_keys=False, width=120))
+    print(f"{'merged into' if table is not result else 'wrote'} {out}")
     return 0

@@ -4,7 +4,7 @@ import pytest
 
 from cuflute.dispatch import DENSE
 from cuflute.kernels import TILE_CONFIGS, WARPGROUP_CONFIGS, X_ROW, X_SHARED, X_WARP, TileConfig, WarpgroupConfig
-from cuflute.tune import load_sweep, useful_at
+from cuflute.tune import entry_key, load_sweep, merge_tables, useful_at
 
 SWEEPS = Path(__file__).resolve().parent.parent / "tuning" / "sweeps"
 
@@ -62,3 +62,32 @@ def test_useful_at_prunes_wide_m_tiles_for_small_m():
     assert not useful_at(DENSE, 16) and useful_at(DENSE, 32)
     warpgroups = WarpgroupConfig(bm=128, batch=2)
     assert not useful_at(warpgroups, 63) and useful_at(warpgroups, 64) and useful_at(warpgroups, 10**4)
+
+
+def _entry(n, m, config, us, **extra):
+    return {"bits": 4, "group": 128, "dtype": "float16", "n": n, "k": 4096, "m": m, "config": config,
+            "us": us, "heuristic_us": None, **extra}
+
+
+def test_merge_replaces_the_swept_cells_and_keeps_the_rest():
+    table = {"gpu": "G", "date": "2026-12-01", "sweep": "full",
+             "entries": [_entry(4096, 1, "a", 5.0), _entry(4096, 32, "b", 9.0, dense_cached_us=8.5),
+                         _entry(8192, 32, "c", 20.0)]}
+    result = {"gpu": "G", "date": "2026-12-08", "sweep": "m32",
+              "entries": [_entry(4096, 32, "d", 7.0), _entry(8192, 32, "c", 19.0), _entry(1024, 32, "e", 3.0)]}
+    merged, changed = merge_tables(table, result)
+    assert merged["date"] == "2026-12-08" and merged["sweep"] == "full + m32"
+    by_key = {entry_key(e): e for e in merged["entries"]}
+    assert len(by_key) == len(merged["entries"]) == 4
+    assert by_key[(4, 128, "float16", 4096, 4096, 1)]["config"] == "a"  # not swept: kept
+    # swept: the new winner, with the held-W' time the new run did not take
+    assert by_key[(4, 128, "float16", 4096, 4096, 32)] == _entry(4096, 32, "d", 7.0, dense_cached_us=8.5)
+    assert by_key[(4, 128, "float16", 8192, 4096, 32)]["us"] == 19.0
+    assert by_key[(4, 128, "float16", 1024, 4096, 32)]["config"] == "e"  # a cell the table lacked
+    assert changed == ["(4, 128, 'float16', 4096, 4096, 32): b 9.0 us -> d 7.0 us"]
+    assert merge_tables(merged, result)[0]["sweep"] == "full + m32"  # the same sweep merged again
+
+
+def test_merge_refuses_another_gpus_table():
+    with pytest.raises(ValueError, match="run on H200 into the table of H100"):
+        merge_tables({"gpu": "H100", "sweep": "s", "entries": []}, {"gpu": "H200", "sweep": "s", "entries": []})
