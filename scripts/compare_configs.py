@@ -7,9 +7,13 @@ python scripts/compare_configs.py --shapes 8192x8192,4096x4096 --m 1,16 --bits 4
 (compiled on the fly) to try before adding them.
 Each config's output is first checked against the default config's. Prints us per call
 (CUDA-graph replays over rotated weights, as the benchmark) and the fraction of the copy
-roofline, one line per shape, M and bits.
+roofline, one line per shape, M and bits. --rounds R times every column R times, in turn, each
+round starting one column further on, and prints each column's median: one config's time drifted
+6 to 13% within one command on the H100 (docs/PERF_NOTES.md v39), so an A/B of a few percent
+wants R >= 3.
 """
 import argparse
+import statistics
 from functools import partial
 
 import torch
@@ -28,6 +32,7 @@ def main():
     parser.add_argument("--extra", default="")
     parser.add_argument("--replays", type=int, default=20)
     parser.add_argument("--graph-calls", type=int, default=bench.DEFAULT_GRAPH_CALLS)
+    parser.add_argument("--rounds", type=bench.positive_int, default=1)
     args = parser.parse_args()
 
     extra = [kernels.tile_config_from_name(c) for c in args.extra.split(",") if c]
@@ -49,19 +54,22 @@ def main():
             weights = [random_packed(n, k, bits, args.group_size, "float16", device=0, seed=s)
                        for s in range(copies)]
             for m, x in xs.items():
-                cells = []
                 expect = qgemm(x, weights[0]).float()
+                columns = []  # the calls of each config, the default (None), then cuBLAS fp16
                 for config in configs + [None]:
                     got = qgemm(x, weights[0], config=config).float()
                     err = ((got - expect).norm() / expect.norm()).item()
                     if not err < 2e-3:  # configs differ only in fp32 summation order
                         raise RuntimeError(f"{config} disagrees with the default: {err:.2e} at {n=} {k=} {m=} {bits=}")
-                    calls = [partial(qgemm, x, w, out=x.new_empty(m, n), config=config) for w in weights]
-                    us = bench.time_graph_us(calls, args.replays, args.graph_calls)
-                    frac = bench.call_bytes(n, k, m, bits, args.group_size) / us / 1e3 / copy_gbps
-                    cells.append(f"{us:7.1f} ({frac:.2f})")
-                fp16 = bench.time_graph_us([partial(torch.mm, x, w.t()) for w in dense], args.replays,
-                                            args.graph_calls)
+                    columns.append([partial(qgemm, x, w, out=x.new_empty(m, n), config=config) for w in weights])
+                columns.append([partial(torch.mm, x, w.t()) for w in dense])
+                times = [[] for _ in columns]
+                for r in range(args.rounds):
+                    for i in [(r + j) % len(columns) for j in range(len(columns))]:
+                        times[i].append(bench.time_graph_us(columns[i], args.replays, args.graph_calls))
+                *us, fp16 = [statistics.median(t) for t in times]
+                roofline = [bench.call_bytes(n, k, m, bits, args.group_size) / t / 1e3 / copy_gbps for t in us]
+                cells = [f"{t:7.1f} ({f:.2f})" for t, f in zip(us, roofline)]
                 print(f"{n} {k} {m} {bits} | " + " | ".join(cells) + f" | {fp16:7.1f}", flush=True)
             del weights
             bench.release_memory()
