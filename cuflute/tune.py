@@ -28,7 +28,7 @@ import numpy as np
 import yaml
 
 from . import bench, reference
-from .dispatch import DENSE, DENSE_CACHED, gpu_slug, heuristic_config, parse_config, tuning_dir
+from .dispatch import DENSE, DENSE_CACHED, gpu_slug, heuristic_config, parse_config, table_key, tuning_dir
 from .dtypes import DTYPES
 from .formats import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 from .gemm import dequantize, device_properties, qgemm
@@ -181,8 +181,8 @@ def run_sweep(sweep: Sweep, rotate_bytes: int | None, replays: int) -> dict:
 
 
 def entry_key(entry: dict) -> tuple:
-    """What a table entry is the winner for: (bits, group, dtype, N, K, M bucket)."""
-    return entry["bits"], entry["group"], entry["dtype"], entry["n"], entry["k"], entry["m"]
+    """What a table entry is the winner for: the dispatcher's shape key, then the M bucket."""
+    return *table_key(entry["bits"], entry["group"], entry["dtype"], entry["n"], entry["k"]), entry["m"]
 
 
 def merge_tables(table: dict, result: dict) -> tuple[dict, list[str]]:
@@ -231,11 +231,12 @@ def run(args: argparse.Namespace) -> int:
     for e in result["entries"]:
         print(f"{e['n']:>6} {e['k']:>6} {e['bits']}-bit g{e['group']:<4} {e['dtype']:<8} "
               f"M={e['m']:<4} {e['config']:<12} {e['us']:8.2f} us")
+    merging = args.merge and out.exists()
     table = result
-    if args.merge and out.exists():
+    if merging:
         table, changed = merge_tables(yaml.safe_load(out.read_text()), result)
         print("\n".join(changed) or "no cell changed its config")
     out.parent.mkdir(parents=True, exist_ok=True)
     bench.write_atomically(str(out), yaml.safe_dump(table, sort_keys=False, width=120))
-    print(f"{'merged into' if table is not result else 'wrote'} {out}")
+    print(f"{'merged into' if merging else 'wrote'} {out}")
     return 0
